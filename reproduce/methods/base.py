@@ -1,0 +1,146 @@
+"""The method contract: a method owns its networks and computes their losses; the engine owns the rest.
+
+A training step in the engine (reproduce/engine.py) is::
+
+    step = method.step(x, y, epoch)            # named losses per role, detached peer targets
+    sum(losses of the roles in step.update).backward()
+    optimizer[role].step() for role in step.update
+
+Because every peer target is detached inside the losses, the loss of role ``r`` has gradients only
+in role ``r``'s parameters, so one backward of the sum is exact, and a role left out of
+``step.update`` (SwitOKD's paused teacher) gets no gradient, no momentum and no weight decay.
+
+Adding a method is one file in this package: a ``Method`` subclass decorated with ``@register``,
+with its coefficients as a ``Params`` dataclass whose defaults are the paper's (params.yaml
+``methods.<name>`` overrides them).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from reproduce.config import Config, ConfigError, build_dataclass, check_choice  # noqa: F401  (re-exported for methods)
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Step:
+    """What one training step of a method produced."""
+
+    losses: dict[str, dict[str, Tensor]]  # role -> named loss terms (summed by the engine)
+    update: frozenset[str] | None = None  # roles whose optimisers step; None = every role
+    signals: dict[str, Tensor | float] = field(default_factory=dict)  # logged as per-epoch means
+
+
+@dataclass
+class Networks:
+    """How a method gets its networks: fresh ones by architecture, and the pre-trained teacher."""
+
+    teacher_arch: str
+    student_arch: str
+    num_classes: int
+    in_channels: int
+    create: Callable[[str], nn.Module]  # fresh, randomly initialised network of an architecture
+    load_teacher: Callable[[], nn.Module]  # the trained teacher (offline methods), clear error if missing
+
+    def student(self) -> nn.Module:
+        return self.create(self.student_arch)
+
+    def fresh_teacher(self) -> nn.Module:
+        return self.create(self.teacher_arch)
+
+
+class Method(nn.Module, abc.ABC):
+    name: ClassVar[str]
+    online: ClassVar[bool]  # True: every network trains from scratch together
+    uses_pretrained_teacher: ClassVar[bool] = False  # True: needs the train_teacher stage's weights
+    primary: ClassVar[str] = "student"  # the evaluated network whose validation top-1 picks the best epoch
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, networks: Networks, params: Any) -> None:
+        super().__init__()
+        self.params = params
+
+    # -- the contract -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def roles(self) -> dict[str, nn.Module]:
+        """Trainable modules by role; each role gets its own optimiser and schedule."""
+
+    @abc.abstractmethod
+    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+        """Losses of one mini-batch. ``epoch`` counts from 1 (DKD's warm-up uses it)."""
+
+    def eval_networks(self) -> dict[str, nn.Module]:
+        """Networks evaluated every epoch (top-1, ECE, ...), by name. Defaults to the roles."""
+        return self.roles()
+
+    def frozen(self) -> list[nn.Module]:
+        """Modules kept in eval() mode while the method trains (a pre-trained teacher)."""
+        return []
+
+    def end_of_training(self, run_dir: Path) -> dict[str, Path]:
+        """Write method-specific artefacts (figures) into ``run_dir``; returns name -> file."""
+        return {}
+
+    # -- shared machinery ---------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "Method":
+        super().train(mode)
+        for module in self.frozen():
+            module.eval()
+        return self
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any] | None) -> Any:
+        params = build_dataclass(cls.Params, raw or {}, f"methods.{cls.name}")
+        check = getattr(params, "validate", None)
+        if check is not None:
+            check()
+        return params
+
+    @classmethod
+    def default_params(cls) -> dict[str, Any]:
+        return dataclasses.asdict(cls.Params())
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """A pre-trained network used only as a target: no gradients, eval() mode."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def get_method(name: str) -> type[Method]:
+    import reproduce.methods  # noqa: F401  (importing the package registers every method)
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def build_method(config: Config, name: str, networks: Networks) -> Method:
+    cls = get_method(name)
+    return cls(networks, cls.parse_params(config.methods.get(name)))
+
+
+def mean_of(values: Tensor) -> Tensor:
+    """Batch mean of a per-sample signal, detached (signals are logged, never back-propagated)."""
+    return values.detach().float().mean()

@@ -1,0 +1,52 @@
+"""DML, Zhang et al. 2018 [standard]: networks trained from scratch, each learning from the others.
+
+``L_k = CE(z_k, y) + 1/(K−1)·Σ_{l≠k} KL(sg(p_l) ‖ p_k)`` with τ = 1 and no τ² factor (τ² = 1). Each
+network runs one forward per step (O(K), not O(K²)); the peers' predictions are detached inside
+``kd_loss``, so one backward of the summed losses updates every network simultaneously.
+The roles are the pair of params.yaml ``models`` (``teacher`` is simply the larger peer), plus
+``extra_students`` more copies of the student architecture for K > 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from reproduce.config import ConfigError
+from reproduce.losses import cross_entropy, kd_loss
+from reproduce.methods.base import Method, Networks, Step, register
+
+
+@register
+class DML(Method):
+    name = "dml"
+    online = True
+
+    @dataclass
+    class Params:
+        temperature: float = 1.0
+        kd_weight: float = 1.0
+        extra_students: int = 0  # K = 2 + extra_students peers
+
+        def validate(self) -> None:
+            if self.extra_students < 0:
+                raise ConfigError("methods.dml.extra_students: must be >= 0")
+
+    def __init__(self, networks: Networks, params: Params) -> None:
+        super().__init__(networks, params)
+        peers = {"teacher": networks.fresh_teacher(), "student": networks.student()}
+        peers.update({f"student{k + 2}": networks.student() for k in range(params.extra_students)})
+        self.peers = nn.ModuleDict(peers)
+
+    def roles(self) -> dict[str, nn.Module]:
+        return dict(self.peers.items())
+
+    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+        logits = {role: network(x) for role, network in self.peers.items()}
+        p = self.params
+        losses = {}
+        for role, own in logits.items():
+            mimicry = sum(kd_loss(own, other, p.temperature) for peer, other in logits.items() if peer != role)
+            losses[role] = {"ce": cross_entropy(own, y), "kd": p.kd_weight * mimicry / (len(logits) - 1)}
+        return Step(losses=losses)

@@ -1,0 +1,52 @@
+"""KD, Hinton et al. 2015 [standard]: the student matches the frozen teacher's softened outputs.
+
+``L_S = α_ce·CE(z_s, y) + α_kd·τ²·KL(sg(p_t^τ) ‖ p_s^τ)``; CIFAR defaults τ = 4, α_ce = 0.1, α_kd = 0.9
+(the CRD/RepDistiller recipe). The teacher is pre-trained, frozen, in eval() mode, run under no_grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from reproduce.losses import cross_entropy, kd_loss
+from reproduce.methods.base import Method, Networks, Step, register
+
+
+@register
+class KD(Method):
+    name = "kd"
+    online = False
+    uses_pretrained_teacher = True
+
+    @dataclass
+    class Params:
+        temperature: float = 4.0
+        ce_weight: float = 0.1
+        kd_weight: float = 0.9
+
+    def __init__(self, networks: Networks, params: Params) -> None:
+        super().__init__(networks, params)
+        self.student = networks.student()
+        self.teacher = networks.load_teacher()
+
+    def roles(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def eval_networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
+
+    def frozen(self) -> list[nn.Module]:
+        return [self.teacher]
+
+    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        student_logits = self.student(x)
+        p = self.params
+        return Step(losses={"student": {
+            "ce": p.ce_weight * cross_entropy(student_logits, y),
+            "kd": p.kd_weight * kd_loss(student_logits, teacher_logits, p.temperature),
+        }})

@@ -1,0 +1,142 @@
+"""Classification and calibration metrics: the one implementation that training and analysis share.
+
+Accuracies are percentages (as papers report them); ECE, MCE and Brier are fractions. Calibration
+uses the top-label confidence and 15 equal-width bins ``(lo, hi]``; a confidence of exactly 1.0 falls
+in the last bin (Guo et al. 2017 binning, with the closed upper edge made explicit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_BINS = 15
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin statistics of a reliability diagram; empty bins have count 0 and NaN means."""
+
+    edges: Tensor  # [n_bins + 1]
+    counts: Tensor  # [n_bins] samples per bin
+    confidence: Tensor  # [n_bins] mean top-label confidence per bin
+    accuracy: Tensor  # [n_bins] fraction correct per bin
+
+    @property
+    def gaps(self) -> Tensor:
+        return (self.confidence - self.accuracy).abs()
+
+    def expected_error(self) -> float:
+        weights = self.counts / self.counts.sum().clamp(min=1)
+        return float(torch.nansum(weights * self.gaps))
+
+    def max_error(self) -> float:
+        filled = self.counts > 0
+        return float(self.gaps[filled].max()) if bool(filled.any()) else 0.0
+
+
+def top_label(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-label confidence and correctness (as float) per sample."""
+    probs = F.softmax(logits.float(), dim=1)
+    confidence, prediction = probs.max(dim=1)
+    return confidence, (prediction == labels).float()
+
+
+def equal_width_bin_index(confidence: Tensor, n_bins: int) -> Tensor:
+    """Bin ``k`` holds ``(k/n, (k+1)/n]``; confidence 1.0 lands in bin ``n - 1``."""
+    return (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
+
+
+def reliability_bins(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> ReliabilityBins:
+    confidence, correct = top_label(logits, labels)
+    return _bins_from(confidence, correct, equal_width_bin_index(confidence, n_bins), n_bins,
+                      torch.linspace(0, 1, n_bins + 1))
+
+
+def adaptive_reliability_bins(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> ReliabilityBins:
+    """Equal-mass bins: the sorted confidences split into ``n_bins`` groups of (nearly) equal size;
+    each bin's upper edge is the largest confidence it holds."""
+    confidence, correct = top_label(logits, labels)
+    order = torch.argsort(confidence)
+    index = torch.empty_like(order)
+    index[order] = torch.arange(len(order)) * n_bins // max(len(order), 1)
+    upper = torch.full((n_bins,), torch.nan).scatter_reduce(0, index, confidence, "amax", include_self=False)
+    return _bins_from(confidence, correct, index, n_bins, torch.cat([torch.zeros(1), upper]))
+
+
+def _bins_from(confidence: Tensor, correct: Tensor, index: Tensor, n_bins: int, edges: Tensor) -> ReliabilityBins:
+    counts = torch.zeros(n_bins).index_add_(0, index, torch.ones_like(confidence))
+    conf_sum = torch.zeros(n_bins).index_add_(0, index, confidence)
+    correct_sum = torch.zeros(n_bins).index_add_(0, index, correct)
+    safe = counts.clamp(min=1)
+    empty = counts == 0
+    return ReliabilityBins(edges=edges,
+                           counts=counts,
+                           confidence=torch.where(empty, torch.nan, conf_sum / safe),
+                           accuracy=torch.where(empty, torch.nan, correct_sum / safe))
+
+
+def expected_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> float:
+    """ECE as a fraction in [0, 1]: the count-weighted mean |confidence − accuracy| over bins."""
+    return reliability_bins(logits, labels, n_bins).expected_error()
+
+
+def max_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> float:
+    return reliability_bins(logits, labels, n_bins).max_error()
+
+
+def adaptive_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> float:
+    """ECE over equal-mass bins (less sensitive to the many nearly-empty high-confidence bins)."""
+    return adaptive_reliability_bins(logits, labels, n_bins).expected_error()
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
+    k = min(k, logits.shape[1])
+    hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
+    return 100.0 * float(hits.double().mean())
+
+
+def negative_log_likelihood(logits: Tensor, labels: Tensor) -> float:
+    return float(F.cross_entropy(logits.float(), labels))
+
+
+def brier_score(logits: Tensor, labels: Tensor) -> float:
+    """Multi-class Brier score: mean over samples of ``Σ_c (p_c − 1[c = y])²`` (range [0, 2])."""
+    probs = F.softmax(logits.float(), dim=1)
+    one_hot = F.one_hot(labels, probs.shape[1]).float()
+    return float(((probs - one_hot) ** 2).sum(dim=1).mean())
+
+
+def classification_metrics(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> dict[str, float]:
+    """Every per-network number the suite reports, from one set of logits."""
+    logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
+    bins = reliability_bins(logits, labels, n_bins)
+    return {
+        "top1": topk_accuracy(logits, labels, 1),
+        "top5": topk_accuracy(logits, labels, 5),
+        "nll": negative_log_likelihood(logits, labels),
+        "ece": bins.expected_error(),
+        "mce": bins.max_error(),
+        "brier": brier_score(logits, labels),
+    }
+
+
+def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 200) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of ``logits / T``.
+
+    Fit it on a validation split, never on the test set. Optimises log T so T stays positive."""
+    logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())

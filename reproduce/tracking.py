@@ -1,0 +1,251 @@
+"""One ``Tracker`` that fans out to W&B, MLflow and local files.
+
+Local files (``history.tsv`` per epoch, ``metrics.json`` at the end) are what DVC reads and are
+always written. W&B runs offline unless configured otherwise (``wandb sync`` uploads later); MLflow
+writes to ``sqlite:///mlflow.db`` unless given another tracking URI. A tracking backend that fails
+(no network, no login, a locked database) is switched off with one warning: tracking never fails
+or hangs a training run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any
+
+from reproduce.config import TrackingConfig
+from reproduce.io import atomic_write_text
+
+# W&B and MLflow write into $HOME and /tmp unless told otherwise, and MLflow phones home: keep both
+# inside the project and quiet. Users can still point them elsewhere through the environment.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def keep_wandb_local(root: Path) -> None:
+    os.environ.setdefault("WANDB_DIR", str(root))
+    for variable, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config")):
+        os.environ.setdefault(variable, str(root / ".wandb" / sub))
+
+
+def git_commit() -> dict[str, Any]:
+    """The commit the code ran at, and whether the work tree had uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=10, check=True).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+class _Backend:
+    """A tracking service; any exception switches it off for the rest of the run."""
+
+    label = "backend"
+
+    def __init__(self) -> None:
+        self.active = True
+
+    def call(self, action: str, *args: Any, **kwargs: Any) -> None:
+        if not self.active:
+            return
+        try:
+            getattr(self, action)(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001  (a tracking outage must never end training)
+            self.active = False
+            warnings.warn(f"{self.label}: {action} failed ({type(error).__name__}: {error}); "
+                          f"{self.label} logging is off for the rest of this run", stacklevel=2)
+
+
+class WandbBackend(_Backend):
+    label = "W&B"
+
+    def __init__(self, config: TrackingConfig, *, run_name: str, run_id: str | None, tags: dict[str, str],
+                 params: dict[str, Any], root: Path) -> None:
+        super().__init__()
+        self.run = None
+        self.call("_start", config, run_name, run_id, tags, params, root)
+
+    def _start(self, config: TrackingConfig, run_name: str, run_id: str | None, tags: dict[str, str],
+               params: dict[str, Any], root: Path) -> None:
+        keep_wandb_local(root)
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE", config.wandb.mode)
+        self.run = wandb.init(project=config.project, entity=config.wandb.entity, group=config.group,
+                              name=run_name, id=run_id, resume="allow", mode=mode, config=params,
+                              tags=[f"{k}:{v}" for k, v in tags.items()], dir=str(root), reinit="create_new",
+                              settings=wandb.Settings(init_timeout=60, x_disable_stats=True, console="off"))
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def image(self, name: str, path: Path) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(str(path))})
+
+    def artifact(self, path: Path, kind: str) -> None:
+        import wandb
+
+        artifact = wandb.Artifact(name=f"{self.run.name}-{path.stem}".replace("/", "-"), type=kind)
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self.run.summary.update(values)
+
+    def finish(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+class MlflowBackend(_Backend):
+    label = "MLflow"
+
+    def __init__(self, config: TrackingConfig, *, run_name: str, run_id: str | None, tags: dict[str, str],
+                 params: dict[str, Any]) -> None:
+        super().__init__()
+        self.client = None
+        self.run_id: str | None = None
+        self.call("_start", config, run_name, run_id, tags, params)
+
+    def _start(self, config: TrackingConfig, run_name: str, run_id: str | None, tags: dict[str, str],
+               params: dict[str, Any]) -> None:
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI", config.mlflow.tracking_uri))
+        if run_id is not None:  # resuming: keep writing into the same run
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        experiment = self.client.get_experiment_by_name(config.mlflow.experiment)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.mlflow.experiment)
+        all_tags = {**tags, "group": config.group, "mlflow.runName": run_name}
+        run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        self.run_id = run.info.run_id
+        flat = flatten(params)
+        # MLflow caps a param value at 6,000 characters and a batch at 100 params.
+        entries = [Param(key, str(value)[:6000]) for key, value in flat.items()]
+        for start in range(0, len(entries), 100):
+            self.client.log_batch(self.run_id, params=entries[start:start + 100])
+        self.client.log_batch(self.run_id, tags=[RunTag("mlflow.note.content", f"{run_name} ({config.group})")])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        # One log_batch per epoch: ~50x faster than per-metric calls on SQLite; NaN is not storable.
+        entries = [Metric(key, float(value), now, step) for key, value in metrics.items() if math.isfinite(value)]
+        for start in range(0, len(entries), 1000):
+            self.client.log_batch(self.run_id, metrics=entries[start:start + 1000])
+
+    def image(self, name: str, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path="figures")
+
+    def artifact(self, path: Path, kind: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=kind)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(f"summary.{k}", str(v)) for k, v in values.items()])
+
+    def finish(self, failed: bool) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+class Tracker:
+    """Per-epoch metrics, images, artefacts and a final summary, to every configured destination."""
+
+    def __init__(self, config: TrackingConfig, *, run_dir: Path, run_name: str, tags: dict[str, str],
+                 params: dict[str, Any], history: list[dict[str, float]] | None = None,
+                 resume_ids: dict[str, str | None] | None = None, root: Path | None = None,
+                 services: bool = True) -> None:
+        """``services=False`` writes only the local files (DDP ranks other than 0, quick tests)."""
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict[str, float]] = list(history or [])
+        ids = resume_ids or {}
+        root = Path(root or os.getcwd())
+        self.backends: list[_Backend] = []
+        if services and config.wandb.enabled and config.wandb.mode != "disabled":
+            self.backends.append(WandbBackend(config, run_name=run_name, run_id=ids.get("wandb"), tags=tags,
+                                              params=params, root=root))
+        if services and config.mlflow.enabled:
+            self.backends.append(MlflowBackend(config, run_name=run_name, run_id=ids.get("mlflow"), tags=tags,
+                                               params=params))
+
+    @property
+    def ids(self) -> dict[str, str | None]:
+        """Run ids to store in the checkpoint, so a resumed run continues the same tracked runs."""
+        ids: dict[str, str | None] = {}
+        for backend in self.backends:
+            if isinstance(backend, WandbBackend):
+                ids["wandb"] = backend.run_id
+            elif isinstance(backend, MlflowBackend):
+                ids["mlflow"] = backend.run_id
+        return ids
+
+    def log_epoch(self, row: dict[str, float]) -> None:
+        """Record one epoch (``row["epoch"]`` is the step) everywhere, and rewrite history.tsv."""
+        self.history.append(dict(row))
+        write_history(self.run_dir / "history.tsv", self.history)
+        for backend in self.backends:
+            backend.call("log", {k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+
+    def log_image(self, name: str, path: Path) -> None:
+        for backend in self.backends:
+            backend.call("image", name, Path(path))
+
+    def log_artifact(self, path: Path, kind: str = "model") -> None:
+        for backend in self.backends:
+            backend.call("artifact", Path(path), kind)
+
+    def finish(self, summary: dict[str, Any], failed: bool = False) -> None:
+        if not failed:
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        flat = {k: v for k, v in flatten(summary).items() if isinstance(v, (int, float, str))}
+        for backend in self.backends:
+            backend.call("summary", flat)
+            backend.call("finish", failed)
+
+
+def write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    """Per-epoch table for ``dvc plots``: one row per epoch, a column per metric (union of keys)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(_cell(row.get(column)) for column in columns) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
