@@ -1,0 +1,8 @@
+"""Model zoo: every model is a SplitNet built by name through one registry."""
+
+# Imported for their side effect: their @register calls fill the registry.
+from reproduce.models import imagenet, mobilenetv2, resnet_cifar, shufflenet, vgg, wrn  # noqa: F401
+from reproduce.models.base import SplitNet
+from reproduce.models.registry import available, create, register
+
+__all__ = ["SplitNet", "available", "create", "register"]

@@ -1,0 +1,57 @@
+"""The contract every model of the zoo follows, plus the weight init the CIFAR models share."""
+
+from torch import Tensor, nn
+
+
+class SplitNet(nn.Module):
+    """A classifier split into a trunk and a head: forward(x) == head(trunk(x)).
+
+    The head holds the network's last stage, final norm/activation, global pooling, flatten and the
+    classifier (an nn.Linear as its last module). SOKD grafts a trainable copy of a teacher's head
+    onto the frozen trunk (copy.deepcopy(model.head)); AEKT reads penultimate features.
+    """
+
+    def __init__(self, trunk: nn.Sequential, head: nn.Sequential) -> None:
+        super().__init__()
+        if not isinstance(head[-1], nn.Linear):
+            raise TypeError(f"the head must end with an nn.Linear, got {type(head[-1]).__name__}")
+        self.trunk = trunk
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.trunk(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Pooled penultimate features: the input of the classifier."""
+        return self.head[:-1](self.trunk(x))
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.head[-1]
+
+
+def init_cifar_weights(model: nn.Module) -> None:
+    """He init for convolutions, identity BatchNorm and zero linear bias, as the CRD models do."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+
+
+def classifier_head(*last_stage: nn.Module, features: int, num_classes: int) -> nn.Sequential:
+    """The head: the last stage's modules, global average pooling, flatten, linear classifier.
+
+    Adaptive pooling makes the models accept any input size (8x8 digits up to 224x224 ImageNet).
+    """
+    return nn.Sequential(
+        *last_stage,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(features, num_classes),
+    )
