@@ -417,6 +417,7 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
             if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < config.recipe.epochs:
+                tracker.suspend()
                 return {"stopped_after_epoch": epoch}
         if not tracker.history:
             raise ConfigError("recipe.epochs must be at least 1")

@@ -118,6 +118,10 @@ class WandbBackend(_Backend):
     def finish(self, failed: bool) -> None:
         self.run.finish(exit_code=1 if failed else 0)
 
+    def suspend(self) -> None:
+        self.run.mark_preempting()
+        self.run.finish(exit_code=0)
+
 
 class MlflowBackend(_Backend):
     label = "MLflow"
@@ -176,6 +180,9 @@ class MlflowBackend(_Backend):
     def finish(self, failed: bool) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
+    def suspend(self) -> None:
+        self.client.set_terminated(self.run_id, status="KILLED")  # resumed later into the same run
+
 
 class Tracker:
     """Per-epoch metrics, images, artefacts and a final summary, to every configured destination."""
@@ -223,6 +230,11 @@ class Tracker:
     def log_artifact(self, path: Path, kind: str = "model") -> None:
         for backend in self.backends:
             backend.call("artifact", Path(path), kind)
+
+    def suspend(self) -> None:
+        """The process stops before the last epoch (``--stop-after-epoch``); a resume continues these runs."""
+        for backend in self.backends:
+            backend.call("suspend")
 
     def finish(self, summary: dict[str, Any], failed: bool = False) -> None:
         if not failed:

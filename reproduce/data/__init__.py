@@ -1,0 +1,1 @@
+"""Datasets: upstream readers, the prepared cache and the loaders that feed training."""

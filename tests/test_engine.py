@@ -1,0 +1,134 @@
+"""The training engine: schedules, per-role updates, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from reproduce.config import ConfigError, ScheduleConfig
+from reproduce.engine import RunSpec, learning_rate, train
+
+
+def _history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.tsv") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+@pytest.mark.parametrize(("epoch", "fraction", "expected"), [
+    (1, 0.0, 0.05), (150, 0.99, 0.05), (151, 0.0, 0.005), (181, 0.5, 0.0005), (240, 0.0, 0.00005)])
+def test_step_schedule_decays_after_each_milestone_like_crd(epoch: int, fraction: float, expected: float) -> None:
+    schedule = ScheduleConfig(name="step", milestones=[150, 180, 210], gamma=0.1)
+    assert learning_rate(0.05, schedule, 240, epoch, fraction) == pytest.approx(expected)
+
+
+def test_cosine_schedule_and_linear_warmup() -> None:
+    cosine = ScheduleConfig(name="cosine", milestones=[], warmup_epochs=0)
+    assert learning_rate(0.1, cosine, 10, 1, 0.0) == pytest.approx(0.1)
+    assert learning_rate(0.1, cosine, 10, 6, 0.0) == pytest.approx(0.05)
+    assert learning_rate(0.1, cosine, 10, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+    warm = ScheduleConfig(name="step", milestones=[], warmup_epochs=2)
+    assert learning_rate(0.1, warm, 10, 1, 0.5) == pytest.approx(0.025)
+    assert learning_rate(0.1, warm, 10, 3, 0.0) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="recipe.schedule.name"):
+        learning_rate(0.1, ScheduleConfig(name="linear"), 10, 1, 0.0)
+
+
+def test_a_run_writes_best_and_last_side_by_side(prepared_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 3})
+    spec = RunSpec("vanilla", 0, tmp_path / "runs" / "vanilla" / "seed0", tmp_path / "ckpt")
+    summary = train(config, spec, track=False)
+    on_disk = json.loads((spec.run_dir / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    history = _history(spec.run_dir)
+    assert [int(row["epoch"]) for row in history] == [1, 2, 3]
+    val = [float(row["val/student/top1"]) for row in history]
+    assert summary["best"]["epoch"] == 1 + val.index(max(val))  # chosen on validation, never test
+    assert summary["last"]["epoch"] == 3
+    best_row = history[summary["best"]["epoch"] - 1]
+    assert summary["best"]["test"]["student"]["top1"] == pytest.approx(float(best_row["test/student/top1"]), rel=1e-5)
+    assert float(history[0]["train/student/loss"]) > float(history[-1]["train/student/loss"])
+    assert summary["last"]["test"]["student"]["top1"] > 50  # 10 classes: chance is 10%
+    predictions = torch.load(spec.run_dir / "predictions.pt", weights_only=False)
+    assert predictions["last"]["test"]["student"].shape == (len(predictions["labels"]["test"]), 10)
+    for name in ("final.pt", "best.pt", "code.tar.gz", "history.tsv"):
+        assert (spec.run_dir / name).exists()
+
+
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_root: Path, tmp_path: Path) -> None:
+    """DML trains two networks with two optimisers: a good stress of what a checkpoint must hold."""
+    config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 3, "optimizer": {"lr": 0.1}},
+                         dataset={"augment": {"crop_padding": 1, "flip": True}})
+    straight = RunSpec("dml", 0, tmp_path / "straight", tmp_path / "ckpt-straight")
+    resumed = RunSpec("dml", 0, tmp_path / "resumed", tmp_path / "ckpt-resumed")
+    train(config, straight, track=False)
+    assert train(config, resumed, stop_after_epoch=1, track=False) == {"stopped_after_epoch": 1}
+    assert not (resumed.run_dir / "metrics.json").exists()
+    train(config, resumed, resume="always", track=False)
+    rows_a, rows_b = _history(straight.run_dir), _history(resumed.run_dir)
+    assert len(rows_a) == len(rows_b) == 3
+    for row_a, row_b in zip(rows_a, rows_b):
+        for key in row_a:
+            if not key.startswith("time/"):
+                assert row_a[key] == row_b[key], f"epoch {row_a['epoch']}: {key} differs after resume"
+    weights_a = torch.load(straight.run_dir / "final.pt")["networks"]
+    weights_b = torch.load(resumed.run_dir / "final.pt")["networks"]
+    for network in weights_a:
+        for name, tensor in weights_a[network].items():
+            assert torch.equal(tensor, weights_b[network][name]), f"{network}.{name} differs after resume"
+
+
+def test_resume_auto_ignores_a_checkpoint_of_another_configuration(prepared_root: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
+    train(tiny_config(prepared_root, tmp_path, recipe={"epochs": 2}), spec, stop_after_epoch=1, track=False)
+    changed = tiny_config(prepared_root, tmp_path, recipe={"epochs": 2, "optimizer": {"lr": 0.01}})
+    with pytest.raises(ConfigError, match="different configuration"):
+        train(changed, spec, resume="always", track=False)
+    train(changed, spec, resume="auto", track=False)
+    assert "starting from scratch" in capsys.readouterr().out
+    assert [int(r["epoch"]) for r in _history(spec.run_dir)] == [1, 2]
+
+
+def test_a_failure_mid_run_keeps_the_last_good_checkpoint(prepared_root: Path, tmp_path: Path) -> None:
+    spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
+    config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 3})
+
+    def crash(epoch: int, row: dict) -> None:
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, spec, on_epoch_end=crash, track=False)
+    assert not (spec.run_dir / "metrics.json").exists()  # no summary of a run that did not finish
+    assert torch.load(spec.checkpoint_dir / "last.pt", weights_only=False)["epoch"] == 2
+    assert not list(spec.checkpoint_dir.glob("*.tmp"))
+    summary = train(config, spec, resume="always", track=False)
+    assert summary["epochs"] == 3
+
+
+def test_offline_method_without_teacher_says_how_to_train_it(prepared_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(prepared_root, tmp_path)
+    with pytest.raises(FileNotFoundError, match="dvc repro train_teacher"):
+        train(config, RunSpec("kd", 0, tmp_path / "run", tmp_path / "ckpt"), track=False)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_bad_method_parameter_fails_before_any_output(prepared_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(prepared_root, tmp_path, methods={"dml": {"temprature": 2}})
+    with pytest.raises(ConfigError, match="methods.dml.temprature"):
+        train(config, RunSpec("dml", 0, tmp_path / "run", tmp_path / "ckpt"), track=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_kd_distils_from_the_trained_teacher(prepared_root: Path, teacher_runs_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(prepared_root, tmp_path, teacher={"runs_root": str(teacher_runs_root)})
+    summary = train(config, RunSpec("kd", 0, tmp_path / "run", tmp_path / "ckpt"), track=False)
+    teacher_summary = json.loads((teacher_runs_root / "seed0" / "metrics.json").read_text())
+    # The frozen teacher is evaluated too, and is exactly the trained one.
+    assert summary["last"]["test"]["teacher"]["top1"] == pytest.approx(teacher_summary["last"]["test"]["teacher"]["top1"])
+    assert summary["last"]["test"]["student"]["top1"] > 30
