@@ -24,6 +24,9 @@ from reproduce.io import atomic_write_text
 # inside the project and quiet. Users can still point them elsewhere through the environment.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("WANDB_SILENT", "true")
+# A tracking server that is down must cost seconds, not MLflow's default minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def keep_wandb_local(root: Path) -> None:
@@ -90,7 +93,7 @@ class WandbBackend(_Backend):
         mode = os.environ.get("WANDB_MODE", config.wandb.mode)
         self.run = wandb.init(project=config.project, entity=config.wandb.entity, group=config.group,
                               name=run_name, id=run_id, resume="allow", mode=mode, config=params,
-                              tags=[f"{k}:{v}" for k, v in tags.items()], dir=str(root), reinit="create_new",
+                              tags=[f"{k}:{v}" for k, v in tags.items()], dir=os.environ["WANDB_DIR"], reinit="create_new",
                               settings=wandb.Settings(init_timeout=60, x_disable_stats=True, console="off"))
 
     @property
@@ -138,13 +141,15 @@ class MlflowBackend(_Backend):
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI", config.mlflow.tracking_uri))
+        uri = os.environ.get("MLFLOW_TRACKING_URI", config.mlflow.tracking_uri)
+        self.client = MlflowClient(uri)
         if run_id is not None:  # resuming: keep writing into the same run
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             return
         experiment = self.client.get_experiment_by_name(config.mlflow.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.mlflow.experiment)
+        experiment_id = (experiment.experiment_id if experiment else
+                         self.client.create_experiment(config.mlflow.experiment, artifact_location=_artifact_root(uri)))
         all_tags = {**tags, "group": config.group, "mlflow.runName": run_name}
         run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
@@ -182,6 +187,14 @@ class MlflowBackend(_Backend):
 
     def suspend(self) -> None:
         self.client.set_terminated(self.run_id, status="KILLED")  # resumed later into the same run
+
+
+def _artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store go next to the database file (MLflow's default is ./mlruns in
+    whatever directory the process started in); a server decides for itself."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 class Tracker:
@@ -261,3 +274,48 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def read_wandb_offline_run(run_dir: Path) -> dict[str, Any]:
+    """Read back what an offline W&B run recorded (before `wandb sync`): config, history rows and summary.
+
+    The ``run-<id>.wandb`` file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records
+    (4-byte CRC, 2-byte length, 1-byte kind: 1 full, 2 first, 3 middle, 4 last) carrying protobuf
+    ``Record`` messages. wandb ships the protobuf schema but no public reader for the log."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (log_file,) = Path(run_dir).glob("run-*.wandb")
+    data = log_file.read_bytes()
+    block, position, pending = 32768, 7, b""
+    result: dict[str, Any] = {"config": {}, "history": [], "summary": {}}
+
+    def items(updates: Any) -> dict[str, Any]:
+        return {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in updates}
+
+    while position + 7 <= len(data):
+        remaining = block - position % block
+        if remaining < 7:  # block trailer padding
+            position += remaining
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        position += 7
+        if kind == 0:  # zero-filled rest of a block
+            position += remaining - 7
+            continue
+        pending += data[position:position + length]
+        position += length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            which = record.WhichOneof("record_type")
+            if which == "run":
+                result["config"].update({k: v.get("value", v) if isinstance(v, dict) else v
+                                         for k, v in items(record.run.config.update).items()})
+            elif which == "history":
+                result["history"].append(items(record.history.item))
+            elif which == "summary":
+                result["summary"].update(items(record.summary.update))
+    return result
