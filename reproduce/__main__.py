@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="exit after this epoch (pre-emptible jobs); rerun to resume")
     train.add_argument("--no-track", action="store_true", help="local files only: no W&B, no MLflow")
 
+    recipe = commands.add_parser("recipe", help="run a paper's recipe end to end (configs/papers/*.yaml)")
+    _common(recipe)
+    recipe.add_argument("recipe", type=Path, help="e.g. configs/papers/switokd_cifar100.yaml")
+    recipe.add_argument("--download", action="store_true", help="download the raw data where the network allows")
+    recipe.add_argument("--dry-run", action="store_true", help="validate and list the runs without training")
+
     commands.add_parser("methods", help="list the methods and their default parameters")
 
     args = parser.parse_args(argv)
@@ -89,6 +95,51 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_recipe(args: argparse.Namespace) -> int:
+    """Prepare the data, train the teacher if an offline method needs one, then every method x seed.
+
+    Runs land in runs/papers/<recipe>/ (analyse them with `python -m analysis --runs runs/papers/<recipe>`);
+    rerunning the command resumes unfinished runs and skips finished ones."""
+    from reproduce.data.prepare import prepare
+    from reproduce.engine import RunSpec, train
+    from reproduce.methods import get_method
+
+    if not args.recipe.exists():
+        raise FileNotFoundError(f"{args.recipe}: no such recipe; available: "
+                                f"{', '.join(sorted(str(p) for p in Path('configs/papers').glob('*.yaml')))}")
+    overlay = yaml.safe_load(args.recipe.read_text()) or {}
+    runs_root, checkpoints_root = Path("runs/papers") / args.recipe.stem, Path("checkpoints/papers") / args.recipe.stem
+    overlay.setdefault("teacher", {})["runs_root"] = str(runs_root / "teacher")
+    overlay.setdefault("tracking", {})["group"] = f"paper-{args.recipe.stem}"
+    config = load_config(args.params, args.overrides, extra=overlay)
+    seeds = config.pipeline.get("seeds", [0])
+    methods = list(config.pipeline.get("standalone", [])) + list(config.pipeline.get("distill", []))
+    for name in methods:
+        get_method(name).parse_params(config.methods.get(name))
+    runs = [RunSpec("vanilla", seed, runs_root / "teacher" / f"seed{seed}", checkpoints_root / "teacher" / f"seed{seed}")
+            for seed in seeds if config.pipeline.get("distill")]
+    runs += [RunSpec.default(name, seed, runs_root=str(runs_root), checkpoints_root=str(checkpoints_root))
+             for name in methods for seed in seeds]
+    print(f"{args.recipe}: {config.dataset.name}, {config.models.teacher} -> {config.models.student}, "
+          f"{config.recipe.epochs} epochs, {len(runs)} runs")
+    if args.dry_run:
+        for spec in runs:
+            print(f"  {spec.method:8s} seed {spec.seed} -> {spec.run_dir}")
+        return 0
+    data = config.dataset
+    if not data.prepared_dir.exists():
+        prepare(data.name, Path(data.raw_root), Path(data.prepared_root), val_fraction=data.val_fraction,
+                split_seed=data.split_seed, download=args.download or data.download, verify_md5=data.verify_md5)
+    for spec in runs:
+        if (spec.run_dir / "metrics.json").exists():
+            print(f"  {spec.run_dir}: done")
+            continue
+        network = ["methods.vanilla.network=teacher"] if spec.run_dir.parent.name == "teacher" else []
+        train(load_config(args.params, args.overrides + network, extra=overlay), spec)
+    print(f"done: python -m analysis --runs {runs_root}")
+    return 0
+
+
 def run_methods(args: argparse.Namespace) -> int:
     from reproduce.methods import METHODS
 
@@ -98,7 +149,7 @@ def run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": run_prepare, "train": run_train, "methods": run_methods}
+COMMANDS = {"prepare": run_prepare, "train": run_train, "recipe": run_recipe, "methods": run_methods}
 
 if __name__ == "__main__":
     sys.exit(main())
