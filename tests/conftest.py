@@ -42,7 +42,7 @@ def tiny_config(prepared_root: Path, tmp_path: Path, **sections: dict) -> Config
         "models": {"teacher": "resnet8", "student": "resnet8"},
         "recipe": {"epochs": 2, "batch_size": 64, "optimizer": {"lr": 0.05},
                    "schedule": {"name": "cosine", "milestones": []}},
-        "runtime": {"quiet": True, "threads": 2, "compile": "off"},
+        "runtime": {"quiet": True, "threads": 1, "compile": "off"},
         "teacher": {"seed": 0, "runs_root": str(tmp_path / "teacher-runs")},
         "tracking": {"wandb": {"enabled": False}, "mlflow": {"enabled": False}},
     }
