@@ -140,3 +140,23 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 200) -> floa
 
     optimizer.step(closure)
     return float(log_t.detach().exp())
+
+
+def temperature_scaled(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / T`` for a temperature from ``fit_temperature``. The argmax, hence accuracy, is unchanged."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return logits.detach().float().cpu() / temperature
+
+
+def calibration_metrics(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> dict[str, float]:
+    """The calibration numbers the analysis reports (ECE, MCE, adaptive ECE, NLL, Brier), from one set of logits."""
+    logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
+    bins = reliability_bins(logits, labels, n_bins)
+    return {
+        "ece": bins.expected_error(),
+        "mce": bins.max_error(),
+        "adaptive_ece": adaptive_calibration_error(logits, labels, n_bins),
+        "nll": negative_log_likelihood(logits, labels),
+        "brier": brier_score(logits, labels),
+    }

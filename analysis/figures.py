@@ -1,0 +1,276 @@
+"""Figures at paper size: reliability diagrams, training curves, method signals and sweeps.
+
+Every figure is built on a bare ``matplotlib.figure.Figure`` (no pyplot state to leak between figures),
+sized for a single column (3.3 in) or a two-column grid (6.9 in) with fonts of at least 7 pt, and
+saved as PNG (for the HTML report and the trackers) and PDF (for a paper).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never open a window, never need a display
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from analysis.sweeps import DIRECTIONS, Sweep, running_best  # noqa: E402
+from reproduce.metrics import ReliabilityBins  # noqa: E402
+
+SINGLE_COLUMN_IN = 3.3
+DOUBLE_COLUMN_IN = 6.9
+MIN_FONT_PT = 7.0
+PAPER_RC = {
+    "font.size": 7.5, "axes.titlesize": 8, "axes.labelsize": 7.5, "xtick.labelsize": 7, "ytick.labelsize": 7,
+    "legend.fontsize": 7, "legend.title_fontsize": 7, "figure.titlesize": 8.5, "axes.linewidth": 0.6,
+    "grid.linewidth": 0.4, "lines.linewidth": 1.0, "hatch.linewidth": 0.5, "legend.frameon": True,
+    "legend.framealpha": 0.85, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
+    "pdf.fonttype": 42,  # TrueType in the PDF: text stays editable and searchable
+}
+ACCURACY_COLOR = "#0173b2"
+GAP_COLOR = "#d55e00"
+
+ACCURACY_COLUMN = re.compile(r"^(?P<split>val|test)/(?P<network>[^/]+)/top1$")
+LOSS_COLUMN = re.compile(r"^train/(?P<role>[^/]+)/loss$")
+SIGNAL_COLUMN = re.compile(r"^signal/(?P<signal>.+)$")
+
+
+@contextmanager
+def paper_style() -> Iterator[None]:
+    with plt.rc_context({**sns.axes_style("whitegrid"), **PAPER_RC}):
+        yield
+
+
+def save_figure(figure: Figure, directory: Path, stem: str, dpi: int) -> Path:
+    """Write ``stem.png`` and ``stem.pdf``; returns the PNG."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with paper_style():
+        figure.savefig(directory / f"{stem}.png", dpi=dpi)
+        figure.savefig(directory / f"{stem}.pdf")
+    return directory / f"{stem}.png"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reliability diagrams
+
+
+def draw_reliability(axis: Axes, histogram: Axes, bins: ReliabilityBins, title: str) -> None:
+    """Per-bin accuracy against confidence with the gap to the diagonal hatched, and below it the share
+    of samples per confidence bin with the mean confidence and the accuracy marked."""
+    edges = bins.edges.numpy()
+    left, width = edges[:-1], np.diff(edges)
+    counts = bins.counts.numpy()
+    filled = counts > 0
+    accuracy = np.nan_to_num(bins.accuracy.numpy())
+    confidence = np.nan_to_num(bins.confidence.numpy())
+    axis.bar(left[filled], accuracy[filled], width[filled], align="edge", color=ACCURACY_COLOR, alpha=0.85,
+             edgecolor="white", linewidth=0.4, label="Accuracy")
+    # An unfilled hatch stays readable over the accuracy bar (under-confident bins) and over white alike.
+    axis.bar(left[filled], np.abs(confidence - accuracy)[filled], width[filled],
+             bottom=np.minimum(confidence, accuracy)[filled], align="edge", facecolor="none", hatch="////",
+             edgecolor=GAP_COLOR, linewidth=0.6, label="Gap to confidence")
+    axis.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=0.8, label="Perfect calibration")
+    axis.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy", title=title)
+    axis.tick_params(labelbottom=False)
+    axis.text(0.04, 0.95, f"ECE {100 * bins.expected_error():.2f} %", transform=axis.transAxes, va="top",
+              fontsize=7, bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "0.7",
+                                "linewidth": 0.5})
+
+    total = max(counts.sum(), 1)
+    histogram.bar(left, counts / total, width, align="edge", color="0.55", edgecolor="white", linewidth=0.4,
+                  label="Share of samples")
+    histogram.axvline(float((confidence * counts).sum() / total), color=GAP_COLOR, linewidth=1.0,
+                      label="Mean confidence")
+    histogram.axvline(float((accuracy * counts).sum() / total), color=ACCURACY_COLOR, linestyle="--",
+                      linewidth=1.0, label="Overall accuracy")
+    histogram.set(xlim=(0, 1), xlabel="Confidence", ylabel="Share")
+
+
+def _shared_legend(figure: Figure, axis: Axes, histogram: Axes, columns: int) -> None:
+    """One legend above the panels: inside them it would hide bars wherever the network errs."""
+    handles, labels = [], []
+    for source in (axis, histogram):
+        more_handles, more_labels = source.get_legend_handles_labels()
+        handles += more_handles
+        labels += more_labels
+    figure.legend(handles, labels, loc="outside upper center", ncol=columns)
+
+
+def reliability_figure(bins: ReliabilityBins, title: str) -> Figure:
+    """One network: single-column size."""
+    with paper_style():
+        figure = Figure(figsize=(SINGLE_COLUMN_IN, 3.9), layout="constrained")
+        axis, histogram = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+        draw_reliability(axis, histogram, bins, title)
+        _shared_legend(figure, axis, histogram, columns=2)
+    return figure
+
+
+def reliability_grid(panels: list[tuple[str, ReliabilityBins]], columns: int) -> Figure:
+    """Several networks side by side: two-column width, the legend once, no title (a paper's caption says it)."""
+    columns = min(columns, len(panels))
+    rows = -(-len(panels) // columns)
+    with paper_style():
+        figure = Figure(figsize=(DOUBLE_COLUMN_IN, 2.45 * rows + 0.6), layout="constrained")
+        grid = figure.add_gridspec(2 * rows, columns, height_ratios=[3, 1] * rows)
+        for index, (panel_title, bins) in enumerate(panels):
+            row, column = divmod(index, columns)
+            axis = figure.add_subplot(grid[2 * row, column])
+            histogram = figure.add_subplot(grid[2 * row + 1, column], sharex=axis)
+            draw_reliability(axis, histogram, bins, panel_title)
+            if index == 0:
+                _shared_legend(figure, axis, histogram, columns=3)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-epoch curves and method signals
+
+
+def long_history(histories: dict[int, pd.DataFrame], pattern: re.Pattern[str], value_name: str) -> pd.DataFrame:
+    """The columns of every seed's history that match ``pattern``, stacked: one row per (seed, epoch, column)
+    with the pattern's named groups as columns."""
+    frames = []
+    for seed, history in histories.items():
+        for column in history.columns:
+            match = pattern.match(column)
+            if match:
+                frame = history[["epoch", column]].rename(columns={column: value_name}).dropna()
+                frames.append(frame.assign(seed=seed, **match.groupdict()))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def curves_figure(histories: dict[int, pd.DataFrame], title: str) -> Figure | None:
+    """Accuracy (validation dashed, test solid) and training loss per epoch of every network of one
+    method; the line is the mean over seeds, the band ± one std."""
+    accuracy = long_history(histories, ACCURACY_COLUMN, "top-1 (%)")
+    loss = long_history(histories, LOSS_COLUMN, "loss")
+    if accuracy.empty and loss.empty:
+        return None
+    with paper_style():
+        figure = Figure(figsize=(DOUBLE_COLUMN_IN, 2.5), layout="constrained")
+        figure.suptitle(title)
+        left, right = figure.subplots(1, 2)
+        if not accuracy.empty:
+            sns.lineplot(accuracy, x="epoch", y="top-1 (%)", hue="network", style="split", style_order=["test", "val"],
+                         errorbar="sd", ax=left, palette="colorblind")
+            left.set_title("Top-1 accuracy")
+            left.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if not loss.empty:
+            sns.lineplot(loss, x="epoch", y="loss", hue="role", errorbar="sd", ax=right, palette="colorblind")
+            right.set_title("Training loss")
+            right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return figure
+
+
+def method_overview_figure(histories: dict[str, dict[int, pd.DataFrame]], names: dict[str, str]) -> Figure | None:
+    """Test top-1 per epoch of every method's student and teacher networks; a method keeps its colour
+    across the panels and appears only where it has such a network."""
+    frames = []
+    for label, seeds in histories.items():
+        frame = long_history(seeds, ACCURACY_COLUMN, "test top-1 (%)")
+        if not frame.empty:
+            frames.append(frame[frame["split"] == "test"].assign(method=names[label]))
+    data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    networks = [network for network in ("student", "teacher") if not data.empty and network in set(data["network"])]
+    if not networks:
+        return None
+    methods = [names[label] for label in histories]
+    colours = dict(zip(methods, sns.color_palette("colorblind", len(methods))))
+    with paper_style():
+        figure = Figure(figsize=(DOUBLE_COLUMN_IN, 2.5), layout="constrained")
+        axes = figure.subplots(1, len(networks), squeeze=False)[0]
+        for axis, network in zip(axes, networks):
+            subset = data[data["network"] == network]
+            present = [method for method in methods if method in set(subset["method"])]
+            sns.lineplot(subset, x="epoch", y="test top-1 (%)", hue="method", hue_order=present, palette=colours,
+                         errorbar="sd", ax=axis)
+            axis.set_title(f"{network.capitalize()} networks")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return figure
+
+
+def signal_names(histories: dict[int, pd.DataFrame]) -> list[str]:
+    return sorted({match["signal"] for history in histories.values() for column in history.columns
+                   if (match := SIGNAL_COLUMN.match(column))})
+
+
+def signals_figure(histories: dict[int, pd.DataFrame], title: str) -> Figure | None:
+    """Every ``signal/*`` column the method logged (discovered, not listed per method), per epoch."""
+    signals = long_history(histories, SIGNAL_COLUMN, "value")
+    if signals.empty:
+        return None
+    names = signal_names(histories)
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    with paper_style():
+        figure = Figure(figsize=(DOUBLE_COLUMN_IN if columns > 1 else SINGLE_COLUMN_IN, 2.0 * rows + 0.3),
+                        layout="constrained")
+        figure.suptitle(title)
+        axes = figure.subplots(rows, columns, squeeze=False).flatten()
+        for axis, name in zip(axes, names):
+            sns.lineplot(signals[signals["signal"] == name], x="epoch", y="value", errorbar="sd", ax=axis,
+                         color=ACCURACY_COLOR)
+            axis.set(title=name, ylabel=name)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for axis in axes[len(names):]:
+            axis.set_visible(False)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def sweep_figure(sweep: Sweep, title: str) -> Figure | None:
+    """Per objective: its value per trial with the best so far, and the parameters' importance for it."""
+    objectives = sweep.objectives or list(sweep.importance)
+    if not objectives:
+        return None
+    complete, pruned = sweep.trials_in("COMPLETE"), sweep.trials_in("PRUNED")
+    columns = int(bool(sweep.objectives)) + int(bool(sweep.importance))
+    with paper_style():
+        figure = Figure(figsize=(DOUBLE_COLUMN_IN if columns > 1 else SINGLE_COLUMN_IN, 2.2 * len(objectives) + 0.3),
+                        layout="constrained")
+        figure.suptitle(title)
+        axes = figure.subplots(len(objectives), columns, squeeze=False)
+        for row, objective in enumerate(objectives):
+            panels = list(axes[row])
+            if sweep.objectives:
+                _draw_trials(panels.pop(0), complete, pruned, objective)
+            if sweep.importance:
+                _draw_importance(panels.pop(0), sweep.importance.get(objective, {}), objective)
+    return figure
+
+
+def _draw_trials(axis: Axes, complete: pd.DataFrame, pruned: pd.DataFrame, objective: str) -> None:
+    direction = DIRECTIONS[objective]
+    if not complete.empty:
+        axis.scatter(complete["number"], complete[objective], s=10, color=ACCURACY_COLOR, label="complete", zorder=3)
+        axis.step(complete["number"], running_best(complete[objective], direction), where="post", color=GAP_COLOR,
+                  label=f"best so far ({direction})")
+    if not pruned.empty and pruned[objective].notna().any():
+        axis.scatter(pruned["number"], pruned[objective], s=12, marker="x", color="0.5", label="pruned (last report)")
+    axis.set(xlabel="trial", ylabel=objective, title=f"{objective} per trial")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if axis.has_data():
+        axis.legend(loc="best")
+
+
+def _draw_importance(axis: Axes, importance: dict[str, float], objective: str) -> None:
+    axis.set(title=f"Importance for {objective}", xlabel="importance (fANOVA)")
+    if not importance:
+        axis.text(0.5, 0.5, "not computed (see notes)", ha="center", va="center", transform=axis.transAxes)
+        return
+    ranked = sorted(importance.items(), key=lambda item: item[1])
+    axis.barh([name for name, _ in ranked], [value for _, value in ranked], color=ACCURACY_COLOR)

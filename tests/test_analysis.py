@@ -1,0 +1,392 @@
+"""The analysis stage on real runs: a vanilla teacher, the vanilla student, KD and DML, two seeds each,
+trained once for the module on digits. Numbers in the tables are checked against the runs' own files."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from analysis.__main__ import main
+from analysis.aggregate import Aggregate
+from analysis.calibration import pool_bins
+from analysis.figures import DOUBLE_COLUMN_IN, MIN_FONT_PT, SINGLE_COLUMN_IN, reliability_figure, reliability_grid
+from analysis.published import load_published, paper_vs_reproduced
+from analysis.report import run_analysis
+from analysis.runs import Setup
+from analysis.settings import parse_settings
+from analysis.tables import format_stat, latex_escape
+from reproduce.engine import RunSpec, train
+from reproduce.metrics import expected_calibration_error, fit_temperature, reliability_bins, temperature_scaled
+from sweeps.report import param_importances, write_best_params, write_trials_csv
+from conftest import PROJECT, tiny_config
+
+LABELS = ("teacher", "vanilla", "kd", "dml")
+SEEDS = (0, 1)
+UNPUBLISHED = ("bdkd", "aekt", "sokd", "r2kd")
+
+
+@pytest.fixture(scope="module")
+def runs_root(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """runs/<label>/seed<k>/ as the pipeline lays them out; KD distils from runs/teacher/seed0."""
+    tmp = tmp_path_factory.mktemp("analysis-runs")
+    root = tmp / "runs"
+    teacher = {"seed": 0, "runs_root": str(root / "teacher")}
+    jobs = [("teacher", "vanilla", {"methods": {"vanilla": {"network": "teacher"}}, "recipe": {"epochs": 3}}),
+            ("vanilla", "vanilla", {}), ("kd", "kd", {}), ("dml", "dml", {})]
+    for label, method, sections in jobs:
+        for seed in SEEDS:
+            config = tiny_config(prepared_root, tmp, teacher=teacher, **sections)
+            run = f"{label}/seed{seed}"
+            train(config, RunSpec(method, seed, root / run, tmp / "checkpoints" / run), track=False)
+    return root
+
+
+def write_params(path: Path, **analysis: object) -> Path:
+    """The project's params.yaml, set to the runs' models, with small PNGs (fast) and the shipped
+    published results."""
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["models"] = {"teacher": "resnet8", "student": "resnet8"}
+    params["tracking"]["wandb"]["enabled"] = False
+    params["analysis"] = {**params.get("analysis", {}), "png_dpi": 80,
+                          "published_results": str(PROJECT / "analysis" / "published_results.yaml"), **analysis}
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reports(runs_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`python -m analysis` on the runs, with no sweep results."""
+    tmp = tmp_path_factory.mktemp("analysis-out")
+    params = write_params(tmp / "params.yaml")
+    code = main(["--runs", str(runs_root), "--sweeps", str(tmp / "sweeps" / "results"), "--out", str(tmp / "reports"),
+                 "--params", str(params), "--no-track"])
+    assert code == 0
+    return tmp / "reports"
+
+
+def metrics_of(runs_root: Path, label: str) -> list[dict]:
+    return [json.loads((runs_root / label / f"seed{seed}" / "metrics.json").read_text()) for seed in SEEDS]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    series = pd.Series(values, dtype=float)
+    return float(series.mean()), float(series.std(ddof=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison table
+
+
+@pytest.mark.parametrize(("network", "epoch", "metric", "scale"), [
+    ("student", "best", "top1", 1), ("student", "last", "top1", 1), ("teacher", "best", "top1", 1),
+    ("teacher", "last", "top1", 1), ("student", "best", "ece", 100), ("student", "best", "nll", 1)])
+def test_comparison_numbers_are_mean_and_std_over_seeds_of_metrics_json(
+        runs_root: Path, reports: Path, network: str, epoch: str, metric: str, scale: int) -> None:
+    table = pd.read_csv(reports / "tables" / "comparison.csv").set_index("label")
+    key = f"{network}_{metric}_{epoch}" + ("_pct" if scale == 100 else "")
+    checked = 0
+    for label in LABELS:
+        runs = metrics_of(runs_root, label)
+        if network not in runs[0]["networks"]:
+            assert table.loc[label, f"{key}_n"] == 0 and pd.isna(table.loc[label, f"{key}_mean"])
+            continue
+        mean, std = mean_std([run[epoch]["test"][network][metric] * scale for run in runs])
+        assert table.loc[label, f"{key}_mean"] == pytest.approx(mean, rel=1e-6)
+        assert table.loc[label, f"{key}_std"] == pytest.approx(std, rel=1e-6, abs=1e-9)
+        assert table.loc[label, f"{key}_n"] == len(SEEDS) == table.loc[label, "seeds"]
+        checked += 1
+    assert checked >= 2
+
+
+def test_comparison_rows_follow_the_method_order(reports: Path) -> None:
+    table = pd.read_csv(reports / "tables" / "comparison.csv")
+    assert list(table["label"]) == list(LABELS)
+    markdown = (reports / "tables" / "comparison.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split("|")[1].strip() for row in rows] == ["Teacher (vanilla)", "Vanilla student", "KD", "DML"]
+    assert all(row.rstrip(" |").endswith("2") for row in rows)  # the seed count closes every row
+
+
+@pytest.mark.parametrize(("key", "better"), [("student_top1_best", max), ("student_ece_best_pct", min),
+                                               ("teacher_top1_last", max), ("student_brier_best", min)])
+def test_best_value_per_column_is_bold_in_every_format(reports: Path, key: str, better) -> None:
+    table = pd.read_csv(reports / "tables" / "comparison.csv").set_index("label")
+    means = table[f"{key}_mean"].dropna()
+    digits = 3 if "brier" in key else 2
+    winner = means.round(digits).idxmax() if better is max else means.round(digits).idxmin()
+    assert table.loc[winner, f"{key}_is_best"]
+    assert table[f"{key}_is_best"].sum() == (means.round(digits) == means.round(digits)[winner]).sum()
+    shown = f"{means[winner]:.{digits}f}"
+    markdown = (reports / "tables" / "comparison.md").read_text()
+    latex = (reports / "tables" / "comparison.tex").read_text()
+    assert re.search(rf"\*\*{re.escape(shown)}( ± [0-9.]+)?\*\*", markdown)
+    assert re.search(rf"\\textbf\{{{re.escape(shown)}( \$\\pm\$ [0-9.]+)?\}}", latex)
+
+
+def test_latex_table_is_booktabs_and_escaped(reports: Path) -> None:
+    latex = (reports / "tables" / "comparison.tex").read_text()
+    for command in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{lrrrrrrrrr}"):
+        assert command in latex
+    assert "ECE \\%" in latex and "±" not in latex and "$\\pm$" in latex
+    assert latex_escape("a_b & 5% → c") == r"a\_b \& 5\% $\rightarrow$ c"
+
+
+def test_format_stat_shows_std_only_for_several_seeds() -> None:
+    from analysis.aggregate import Stat
+
+    assert format_stat(Stat(71.234, math.nan, 1), 2) == "71.23"
+    assert format_stat(Stat(71.234, 0.5, 3), 2) == "71.23 ± 0.50"
+    assert format_stat(Stat(0.1234, 0.01, 2), 2, scale=100, row_seeds=3) == "12.34 ± 1.00 (n=2)"
+    assert format_stat(None, 2) == "missing"
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration
+
+
+def test_temperature_is_fitted_on_validation_and_applied_to_test(runs_root: Path, reports: Path) -> None:
+    temperatures, scaled_eces, test_fitted = [], [], []
+    for seed in SEEDS:
+        predictions = torch.load(runs_root / "kd" / f"seed{seed}" / "predictions.pt", weights_only=False)
+        val, test = predictions["best"]["val"]["student"], predictions["best"]["test"]["student"]
+        temperature = fit_temperature(val, predictions["labels"]["val"])
+        temperatures.append(temperature)
+        scaled_eces.append(100 * expected_calibration_error(temperature_scaled(test, temperature),
+                                                            predictions["labels"]["test"]))
+        test_fitted.append(fit_temperature(test, predictions["labels"]["test"]))
+    table = pd.read_csv(reports / "tables" / "calibration.csv").set_index(["label", "network"])
+    row = table.loc[("kd", "student")]
+    assert row["temperature_mean"] == pytest.approx(mean_std(temperatures)[0], abs=1e-5)
+    assert row["ece_ts_pct_mean"] == pytest.approx(mean_std(scaled_eces)[0], abs=1e-3)
+    # A fit on the test logits gives a (slightly) different temperature: the table must hold the validation one.
+    val_gap = abs(row["temperature_mean"] - mean_std(temperatures)[0])
+    assert val_gap < abs(row["temperature_mean"] - mean_std(test_fitted)[0])
+    comparison = pd.read_csv(reports / "tables" / "comparison.csv").set_index("label")
+    assert comparison.loc["kd", "student_ece_ts_pct_mean"] == pytest.approx(row["ece_ts_pct_mean"])
+
+
+def test_calibration_table_lists_every_network_of_every_run(runs_root: Path, reports: Path) -> None:
+    table = pd.read_csv(reports / "tables" / "calibration.csv")
+    expected = {(label, network) for label in LABELS for network in metrics_of(runs_root, label)[0]["networks"]}
+    assert set(zip(table["label"], table["network"])) == expected
+    for column in ("top1_best", "temperature", "ece_best_pct", "ece_ts_pct", "adaptive_ece_best_pct",
+                   "adaptive_ece_ts_pct", "mce_best_pct", "mce_ts_pct", "nll_best", "nll_ts", "brier_best", "brier_ts"):
+        assert table[f"{column}_mean"].notna().all() and (table[f"{column}_n"] == 2).all(), column
+
+
+def test_pooled_reliability_bins_equal_the_bins_of_all_predictions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randn(200, 5, generator=generator) * 2, torch.randn(300, 5, generator=generator) * 2
+    labels_first = torch.randint(0, 5, (200,), generator=generator)
+    labels_second = torch.randint(0, 5, (300,), generator=generator)
+    pooled = pool_bins([reliability_bins(first, labels_first), reliability_bins(second, labels_second)])
+    together = reliability_bins(torch.cat([first, second]), torch.cat([labels_first, labels_second]))
+    assert torch.equal(pooled.counts, together.counts)
+    assert torch.allclose(pooled.accuracy, together.accuracy, equal_nan=True)
+    assert pooled.expected_error() == pytest.approx(together.expected_error(), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Paper vs reproduced
+
+
+def test_digits_runs_are_never_compared_with_published_numbers(reports: Path) -> None:
+    table = pd.read_csv(reports / "tables" / "paper_vs_reproduced.csv")
+    assert set(table["dataset"]) == {"digits"}
+    assert table["published_top1"].isna().all()  # nothing published matches digits
+    markdown = (reports / "tables" / "paper_vs_reproduced.md").read_text()
+    assert "No published number exists for this dataset/pair (digits, resnet8→resnet8)" in markdown
+    reference = pd.read_csv(reports / "tables" / "paper_reference.csv")
+    assert set(reference["dataset"]) == {"cifar100"}
+    assert not any(column.startswith("reproduced") for column in reference.columns)
+    assert {"kd", "vanilla", "teacher", "dml"} <= set(reference["label"])
+    kd = reference[(reference["label"] == "kd") & (reference["teacher"] == "resnet32x4")
+                   & (reference["student"] == "resnet8x4")]
+    assert kd["published_top1"].tolist() == [73.33]
+
+
+def test_methods_without_published_numbers_say_not_published(reports: Path) -> None:
+    table = pd.read_csv(reports / "tables" / "paper_vs_reproduced.csv").set_index("label")
+    for label in UNPUBLISHED:
+        assert table.loc[label, "status"] == "not published"
+        assert pd.isna(table.loc[label, "published_top1"]) and table.loc[label, "reproduced_seeds"] == 0
+    markdown = (reports / "tables" / "paper_vs_reproduced.md").read_text()
+    for name in ("BD-KD", "AEKT", "SOKD", "R2KD"):
+        assert re.search(rf"\| {name} \|.*not published", markdown)
+
+
+def test_published_numbers_are_compared_like_with_like() -> None:
+    """CIFAR-100 runs of resnet32x4 -> resnet8x4: CRD's KD number (last epoch) and DKD's (best epoch) are
+    set against the matching epoch, the teacher against CRD's teacher; nothing else is paired."""
+    settings = parse_settings({})
+    published = load_published(PROJECT / "analysis" / "published_results.yaml")
+    records = pd.DataFrame([
+        {"label": "kd", "seed": 0, "network": "student", "top1_best": 74.0, "top1_last": 73.0},
+        {"label": "kd", "seed": 1, "network": "student", "top1_best": 75.0, "top1_last": 72.0},
+        {"label": "dkd", "seed": 0, "network": "student", "top1_best": 76.5, "top1_last": 76.0},
+        {"label": "teacher", "seed": 0, "network": "teacher", "top1_best": 80.0, "top1_last": 79.0},
+    ])
+    setup = Setup("cifar100", "resnet32x4", "resnet8x4")
+    comparison = paper_vs_reproduced(published, Aggregate(records), setup, ["teacher", "kd", "dkd"], settings)
+    table = comparison.table.numeric
+    compared = table[table["status"] == "compared"].set_index("label")
+    assert compared.loc["kd", "published_top1"] == 73.33 and compared.loc["kd", "reproduced_top1"] == 72.5  # last
+    assert compared.loc["kd", "difference"] == pytest.approx(72.5 - 73.33)
+    assert compared.loc["dkd", "published_top1"] == 76.32 and compared.loc["dkd", "reproduced_top1"] == 76.5  # best
+    assert compared.loc["teacher", "published_top1"] == 79.42 and compared.loc["teacher", "reproduced_top1"] == 79.0
+    assert set(compared.index) == {"kd", "dkd", "teacher"}
+    assert "ours: 2 seed(s), the paper: 1" in compared.loc["kd", "source"]
+    assert (table.loc[table["published_top1"].notna(), "dataset"] == "cifar100").all()
+    assert comparison.reference is None
+    vanilla = table[(table["label"] == "vanilla") & (table["status"] == "no run")]
+    assert vanilla["published_top1"].tolist() == [72.50]  # CRD's vanilla resnet8x4, no run of ours
+
+
+# ----------------------------------------------------------------------------------------------
+# Report page, summary, figures
+
+
+def test_index_html_is_self_contained_and_holds_the_run_metadata(runs_root: Path, reports: Path) -> None:
+    page = (reports / "index.html").read_text()
+    sources = re.findall(r'\bsrc="([^"]*)"', page)
+    assert len(sources) == len(list((reports / "figures").glob("*.png"))) >= 10
+    assert all(source.startswith("data:image/png;base64,") for source in sources)
+    assert all(link.startswith("#") for link in re.findall(r'\bhref="([^"]*)"', page))
+    assert not re.search(r"<script|<link|@import|url\(", page)
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    metrics = metrics_of(runs_root, "kd")[0]
+    for expected in ("digits", "resnet8", metrics["environment"]["torch"], metrics["environment"]["python"],
+                     "Training commits:", "Seeds — teacher: 0, 1; vanilla: 0, 1; kd: 0, 1; dml: 0, 1",
+                     "recipe:", "tracking:", "No published number exists", "not published"):
+        assert expected in page, expected
+
+
+def test_missing_sweeps_are_reported(reports: Path) -> None:
+    page = (reports / "index.html").read_text()
+    assert "No sweep was run" in page
+    assert not list((reports / "figures").glob("sweep_*"))
+
+
+def test_summary_json_holds_the_aggregated_numbers(runs_root: Path, reports: Path) -> None:
+    summary = json.loads((reports / "summary.json").read_text())
+    assert (summary["dataset"], summary["teacher"], summary["student"]) == ("digits", "resnet8", "resnet8")
+    assert list(summary["methods"]) == list(LABELS)
+    kd = summary["methods"]["kd"]
+    assert kd["seeds"] == 2 and set(kd["networks"]) == {"student", "teacher"}
+    mean, std = mean_std([run["last"]["test"]["student"]["top1"] for run in metrics_of(runs_root, "kd")])
+    assert kd["networks"]["student"]["top1_last"] == pytest.approx({"mean": mean, "std": std, "n": 2})
+
+
+def test_figures_are_written_as_png_and_pdf(reports: Path) -> None:
+    stems = {"reliability_students", "reliability_students_ts", "reliability_kd_student", "reliability_kd_teacher",
+             "reliability_teacher_teacher", "curves_overview", *(f"curves_{label}" for label in LABELS)}
+    for stem in stems:
+        for suffix in (".png", ".pdf"):
+            assert (reports / "figures" / f"{stem}{suffix}").stat().st_size > 1000, stem + suffix
+    assert not list((reports / "figures").glob("signals_*"))  # none of these methods logs a signal
+
+
+def smallest_font(figure) -> float:
+    from matplotlib.text import Text
+
+    sizes = [text.get_fontsize() for text in figure.findobj(Text) if text.get_visible() and text.get_text().strip()]
+    return min(sizes)
+
+
+def test_reliability_figures_are_paper_sized() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(500, 10, generator=generator) * 3, torch.randint(0, 10, (500,), generator=generator)
+    bins = reliability_bins(logits, labels)
+    single = reliability_figure(bins, "KD, student")
+    grid = reliability_grid([(name, bins) for name in ("Vanilla", "KD", "DKD", "DML")], columns=3)
+    assert single.get_figwidth() == SINGLE_COLUMN_IN and grid.get_figwidth() == DOUBLE_COLUMN_IN
+    for figure in (single, grid):
+        figure.canvas.draw()
+        assert smallest_font(figure) >= MIN_FONT_PT
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs, signals, sweeps, trackers
+
+
+def make_sweep_results(root: Path) -> None:
+    """Results written by the sweeps' own writers (sweeps/report.py) for a small real Optuna study."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: 60 - (trial.suggest_float("temperature", 1, 8) - 4) ** 2
+                   + trial.suggest_float("kd_weight", 0.1, 1), n_trials=6)
+    folder = root / "kd"
+    folder.mkdir(parents=True)
+    write_trials_csv(folder / "trials.csv", study.get_trials(), ["val_top1"])
+    (folder / "importance.json").write_text(json.dumps(param_importances(study, ["val_top1"])))
+    write_best_params(folder / "best_params.yaml", "kd", "kd-study", study.best_trial, ["val_top1"])
+
+
+def test_bad_inputs_become_notes_and_signals_sweeps_and_trackers_work(runs_root: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed in SEEDS:
+        shutil.copytree(runs_root / "vanilla" / f"seed{seed}", runs / "vanilla" / f"seed{seed}")
+    (runs / "vanilla" / "seed1" / "predictions.pt").unlink()
+    history = pd.read_csv(runs / "vanilla" / "seed0" / "history.tsv", sep="\t")
+    history["signal/expert_fraction"] = [0.25, 0.5]  # any signal/* column is discovered
+    history.to_csv(runs / "vanilla" / "seed0" / "history.tsv", sep="\t", index=False)
+    (runs / "kd" / "seed0").mkdir(parents=True)  # an unfinished run: no metrics.json
+    (runs / "dml" / "seed0").mkdir(parents=True)
+    (runs / "dml" / "seed0" / "metrics.json").write_text("{ not json")
+    make_sweep_results(tmp_path / "sweeps")
+
+    params = write_params(tmp_path / "params.yaml")
+    report = run_analysis(runs, tmp_path / "sweeps", tmp_path / "reports", params, track=True)
+
+    notes = "\n".join(report.notes)
+    assert "kd/seed0: no metrics.json" in notes and "dml/seed0: metrics.json is unreadable" in notes
+    assert "vanilla/seed1: no predictions.pt" in notes
+    calibration = pd.read_csv(tmp_path / "reports" / "tables" / "calibration.csv").iloc[0]
+    assert calibration["seeds"] == 2 and calibration["ece_ts_pct_n"] == 1 and calibration["ece_best_pct_n"] == 2
+    assert "(n=1)" in (tmp_path / "reports" / "tables" / "calibration.md").read_text()
+
+    page = (tmp_path / "reports" / "index.html").read_text()
+    assert "expert_fraction" in page and (tmp_path / "reports" / "figures" / "signals_vanilla.png").exists()
+    assert (tmp_path / "reports" / "figures" / "sweep_kd.pdf").exists() and "Best parameters" in page
+    assert "No sweep was run" not in page and "methods:\n  kd:" in page
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name("kd-reproduce").experiment_id],
+                               "tags.mlflow.runName = 'analysis'")
+    logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "figures")}
+    assert "figures/reliability_students.png" in logged and "figures/sweep_kd.png" in logged
+    assert not (tmp_path / "reports" / "metrics.json").exists()
+
+
+def test_cli_reports_a_missing_runs_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "reports"),
+                 "--params", str(write_params(tmp_path / "params.yaml")), "--no-track"])
+    assert code == 2
+    assert "runs directory" in capsys.readouterr().err and not (tmp_path / "reports").exists()
+
+
+def test_runs_of_another_setup_are_left_out(runs_root: Path, tmp_path: Path) -> None:
+    from analysis.runs import load_runs
+
+    runs = tmp_path / "runs"
+    for label in ("vanilla", "kd"):
+        shutil.copytree(runs_root / label / "seed0", runs / label / "seed0")
+    stray = json.loads((runs / "kd" / "seed0" / "metrics.json").read_text())
+    stray["dataset"] = "cifar100"
+    shutil.copytree(runs_root / "kd" / "seed1", runs / "kd" / "seed1")
+    (runs / "kd" / "seed1" / "metrics.json").write_text(json.dumps({**stray, "seed": 1}))
+    (runs / "kd" / "seed0" / "metrics.json").write_text(json.dumps(stray))
+    runset = load_runs(runs)
+    assert runset.setup.dataset == "cifar100" and {run.label for run in runset.runs} == {"kd"}
+    assert any("vanilla/seed0: trained on digits" in note for note in runset.notes)
