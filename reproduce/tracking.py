@@ -208,6 +208,8 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, float]] = list(history or [])
+        if self.history:  # resumed: DVC may have deleted the outputs of the interrupted run
+            write_history(self.run_dir / "history.tsv", self.history)
         ids = resume_ids or {}
         root = Path(root or os.getcwd())
         self.backends: list[_Backend] = []

@@ -1,0 +1,130 @@
+"""Command line: ``python -m sweeps {run,report}``; ``--help`` on each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from reproduce.config import Config, ConfigError, load_config
+from sweeps.report import write_results
+from sweeps.settings import load_settings
+from sweeps.study import load_existing_study, plan_job, run_sweep
+
+DESCRIPTION = """\
+Optuna studies over a method's coefficients (search spaces: params.yaml sweep.spaces.<method>),
+scored on the validation split, never on test. Results go to sweeps/results/<method>/.
+
+examples:
+  python -m sweeps run --method kd                        # SQLite study in sweeps/studies/kd.db
+  python -m sweeps run --method bdkd --workers 4          # 4 processes share the study and its budget
+  python -m sweeps run --method bdkd --storage postgresql://user:pw@host/optuna   # same line on every machine
+  python -m sweeps run --method bdkd --storage journal:sweeps/studies/bdkd.log    # journal file, no database
+  python -m sweeps run --method kd --multi-objective      # val top-1 vs val ECE: a Pareto front
+  python -m sweeps run --method kd --set sweep.n_trials=40 --set sweep.epochs_per_trial=30
+  python -m sweeps report --method kd                     # rewrite the results from the storage
+  optuna-dashboard sqlite:///sweeps/studies/kd.db         # watch studies live (pip install optuna-dashboard)
+
+Rerunning `run` resumes the study and runs only the missing trials. Changing the search space,
+epochs per trial, dataset, model pair, recipe or fixed coefficients starts a new study (its name
+carries a hash of them); changing the budget, pruner or workers continues the same one.
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", required=True, help="method to tune (python -m reproduce methods lists them)")
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, e.g. --set sweep.n_trials=20 (repeatable)")
+    parser.add_argument("--storage", default=None,
+                        help="database URL or journal:PATH, shared by every worker on every machine "
+                             "(default: sweep.storage, sqlite:///sweeps/studies/<method>.db)")
+    parser.add_argument("--multi-objective", action="store_true",
+                        help="maximise val top-1 and minimise val ECE (Pareto front; no pruning)")
+    parser.add_argument("--no-track", action="store_true", help="no W&B or MLflow runs, local files only")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweeps", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="create or resume a method's study and run its missing trials, "
+                                          "then write the results")
+    _common(run)
+    run.add_argument("--workers", type=int, default=None,
+                     help="worker processes on this machine (default: sweep.workers)")
+    run.add_argument("--quiet", action="store_true", help="no line per finished trial")
+
+    report = commands.add_parser("report", help="rewrite sweeps/results/<method>/ from an existing study")
+    _common(report)
+    report.add_argument("--study", default=None,
+                        help="study name (default: the study of the current settings, as `run` would use)")
+
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if getattr(args, "workers", None) is not None:
+        overrides.append(f"sweep.workers={args.workers}")
+    if args.storage is not None:
+        overrides.append(f"sweep.storage={json.dumps(args.storage)}")  # quoted: a URL is not YAML to parse
+    if args.multi_objective:
+        overrides.append("sweep.multi_objective=true")
+    return load_config(args.params, overrides)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    job = plan_job(config, args.method, track=not args.no_track, quiet=args.quiet)
+    if job is None:
+        print(f"{args.method}: sweep.spaces.{args.method} is empty, so there is nothing to tune; no study created")
+        return 0
+    study, crashed = run_sweep(job)
+    summary = write_results(study, job.method, job.config, storage_url=job.storage_url, track=job.track)
+    _print_outcome(summary, str(job.results_dir))
+    for line in crashed:
+        print(f"error: {line}; rerun the same command to finish the study", file=sys.stderr)
+    if summary["best"] is None:
+        print(f"error: no trial of {study.study_name} completed; see {job.results_dir}/trials.csv (column error)",
+              file=sys.stderr)
+    return 1 if crashed or summary["best"] is None else 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    config = _load_config(args)
+    storage_url = load_settings(config).storage_url(args.method)
+    name = args.study
+    if name is None:
+        job = plan_job(config, args.method)
+        if job is None:
+            raise ConfigError(f"sweep.spaces.{args.method} is empty, so no study has these settings; name one "
+                              f"with --study")
+        name = job.study_name
+    study = load_existing_study(name, storage_url)
+    summary = write_results(study, args.method, config, storage_url=storage_url, track=not args.no_track)
+    _print_outcome(summary, f"sweeps/results/{args.method}")
+    return 0
+
+
+def _print_outcome(summary: dict, results_dir: str) -> None:
+    trials = summary["trials"]
+    counts = ", ".join(f"{count} {state}" for state, count in trials.items() if count)
+    print(f"[{summary['study']}] {counts or 'no trials'} in {summary['storage']}")
+    best = summary["best"]
+    if best is not None:
+        scores = " ".join(f"{name} {best[name]:.4g}" for name in summary["objectives"])
+        print(f"[{summary['study']}] best: trial {best['number']} {scores} {best['params']}")
+    print(f"[{summary['study']}] wrote {results_dir}/")
+
+
+COMMANDS = {"run": run_command, "report": report_command}
+
+if __name__ == "__main__":
+    sys.exit(main())
