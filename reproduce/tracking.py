@@ -94,7 +94,11 @@ class WandbBackend(_Backend):
         self.run = wandb.init(project=config.project, entity=config.wandb.entity, group=config.group,
                               name=run_name, id=run_id, resume="allow", mode=mode, config=params,
                               tags=[f"{k}:{v}" for k, v in tags.items()], dir=os.environ["WANDB_DIR"], reinit="create_new",
-                              settings=wandb.Settings(init_timeout=60, x_disable_stats=True, console="off"))
+                              # The git commit is logged with the config; machine probes, requirement
+                              # scans and job creation cost seconds per run and add nothing here.
+                              settings=wandb.Settings(init_timeout=60, x_disable_stats=True, console="off",
+                                                      x_disable_machine_info=True, x_save_requirements=False,
+                                                      disable_git=True, save_code=False, disable_job_creation=True))
 
     @property
     def run_id(self) -> str | None:

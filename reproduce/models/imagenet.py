@@ -1,22 +1,20 @@
 """torchvision's ImageNet ResNets (resnet18/34/50), split after layer3.
 
-Weights are freshly initialised (weights=None): the suite trains its own teachers.
+Weights are freshly initialised (weights=None): the suite trains its own teachers. torchvision is
+imported when one of these is built: importing it pulls in torch._dynamo (~2 s), a cost every
+training process of the CIFAR-scale pipeline would otherwise pay.
 """
 
-from collections.abc import Callable
+import importlib
 
-import torchvision
 from torch import nn
 
 from reproduce.models.base import SplitNet
 from reproduce.models.registry import register
 
-TorchvisionResNetBuilder = Callable[..., torchvision.models.ResNet]
 
-
-def split_torchvision_resnet(
-    builder: TorchvisionResNetBuilder, num_classes: int, in_channels: int
-) -> SplitNet:
+def split_torchvision_resnet(builder_name: str, num_classes: int, in_channels: int) -> SplitNet:
+    builder = getattr(importlib.import_module("torchvision.models"), builder_name)
     net = builder(weights=None, num_classes=num_classes)
     if in_channels != 3:
         stem = net.conv1
@@ -37,13 +35,12 @@ def split_torchvision_resnet(
     return SplitNet(trunk, head)
 
 
-def register_torchvision_resnet(name: str, builder: TorchvisionResNetBuilder) -> None:
+def register_torchvision_resnet(name: str) -> None:
     def build(num_classes: int, in_channels: int) -> SplitNet:
-        return split_torchvision_resnet(builder, num_classes, in_channels)
+        return split_torchvision_resnet(name, num_classes, in_channels)
 
     register(name)(build)
 
 
-register_torchvision_resnet("resnet18", torchvision.models.resnet18)
-register_torchvision_resnet("resnet34", torchvision.models.resnet34)
-register_torchvision_resnet("resnet50", torchvision.models.resnet50)
+for _name in ("resnet18", "resnet34", "resnet50"):
+    register_torchvision_resnet(_name)
