@@ -253,11 +253,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML reads 5e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        if isinstance(value, str) and _is_float(value):  # YAML reads 5e-4 (no dot) as a string
+            return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -270,6 +267,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _join(where: str, key: Any) -> str:

@@ -73,7 +73,7 @@ class Method(nn.Module, abc.ABC):
 
     @dataclass
     class Params:
-        pass
+        """The method's coefficients, with the paper's defaults (a method without any keeps this)."""
 
     def __init__(self, networks: Networks, params: Any) -> None:
         super().__init__()
