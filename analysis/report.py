@@ -167,7 +167,7 @@ def reliability_figures(calibrations: list[NetworkCalibration], aggregate: Aggre
         title = f"Students' reliability, {description} temperature scaling"
         figure = reliability_grid(panels, settings.grid_columns)
         entries.append(FigureEntry(f"reliability_students{suffix}", title,
-                                   f"Test set at the best epoch, every method's student, seeds pooled. Bars: accuracy "
+                                   "Test set at the best epoch, every method's student, seeds pooled. Bars: accuracy "
                                    f"per confidence bin; hatched: the gap to the diagonal; below: share of samples per "
                                    f"bin, mean confidence (solid) and accuracy (dashed).",
                                    save_figure(figure, directory, f"reliability_students{suffix}", settings.png_dpi),

@@ -18,7 +18,7 @@ from reproduce.augment import AUGMENTATIONS
 from reproduce.engine import RunSpec, Runtime, _train_epoch, make_optimizer, train
 from reproduce.losses import dkd_parts, kd_loss, reverse_kd_loss, target_log_probability
 from reproduce.methods import Method, Networks, get_method
-from reproduce.methods.base import ConfigError, freeze
+from reproduce.methods.base import ConfigError
 from reproduce.methods.bdkd import FORWARD_WEIGHTINGS
 from tests.conftest import tiny_config
 
@@ -38,7 +38,7 @@ def networks(teacher: str = "resnet8", student: str = "resnet8") -> Networks:
     def create(arch: str) -> nn.Module:
         return models.create(arch, CLASSES, in_channels=CHANNELS)
 
-    return Networks(teacher, student, CLASSES, CHANNELS, create, lambda: freeze(create(teacher)))
+    return Networks(teacher, student, CLASSES, CHANNELS, create, lambda: create(teacher).requires_grad_(False).eval())
 
 
 def build(name: str, **params: Any) -> Method:

@@ -15,7 +15,6 @@ from torch import nn
 from reproduce import models
 from reproduce.config import load_config
 from reproduce.methods import Networks, get_method
-from reproduce.methods.base import freeze
 
 PROJECT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((PROJECT / "configs" / "papers").glob("*.yaml"))
@@ -56,7 +55,7 @@ def test_recipe_builds_and_trains_one_step(recipe: Path, monkeypatch: pytest.Mon
         return models.create(arch, classes, in_channels=channels)
 
     networks = Networks(config.models.teacher, config.models.student, classes, channels, create,
-                        lambda: freeze(create(config.models.teacher)))
+                        lambda: create(config.models.teacher).requires_grad_(False).eval())
     method_cls = get_method(method_name)
     torch.manual_seed(0)
     method = method_cls(networks, method_cls.parse_params(config.methods[method_name])).train()

@@ -4,7 +4,6 @@ tracking outage never fails a run."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from reproduce.config import Config, ConfigError, build_dataclass, check_choice  # noqa: F401  (re-exported for methods)
@@ -122,10 +121,27 @@ class Method(nn.Module, abc.ABC):
         return dataclasses.asdict(cls.Params())
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """A pre-trained network used only as a target: no gradients, eval() mode."""
-    module.requires_grad_(False)
-    return module.eval()
+class TeacherStudentMethod(Method):
+    """Offline distillation: a fresh student learns from the frozen, pre-trained teacher.
+
+    The teacher is evaluated every epoch too (a check that the loaded weights are the trained ones)."""
+
+    online = False
+    uses_pretrained_teacher = True
+
+    def __init__(self, networks: Networks, params: Any) -> None:
+        super().__init__(networks, params)
+        self.student = networks.student()
+        self.teacher = networks.load_teacher()
+
+    def roles(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def eval_networks(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
+
+    def frozen(self) -> list[nn.Module]:
+        return [self.teacher]
 
 
 def get_method(name: str) -> type[Method]:

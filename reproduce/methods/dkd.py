@@ -16,17 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from reproduce.losses import cross_entropy, dkd_loss
-from reproduce.methods.base import ConfigError, Method, Networks, Step, register
+from reproduce.methods.base import ConfigError, Step, TeacherStudentMethod, register
 
 
 @register
-class DKD(Method):
+class DKD(TeacherStudentMethod):
     name = "dkd"
-    online = False
-    uses_pretrained_teacher = True
 
     @dataclass
     class Params:
@@ -39,20 +37,6 @@ class DKD(Method):
         def validate(self) -> None:
             if self.warmup_epochs < 1:
                 raise ConfigError("methods.dkd.warmup_epochs: must be >= 1 (1 = no ramp)")
-
-    def __init__(self, networks: Networks, params: Params) -> None:
-        super().__init__(networks, params)
-        self.student = networks.student()
-        self.teacher = networks.load_teacher()
-
-    def roles(self) -> dict[str, nn.Module]:
-        return {"student": self.student}
-
-    def eval_networks(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "teacher": self.teacher}
-
-    def frozen(self) -> list[nn.Module]:
-        return [self.teacher]
 
     def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
         p = self.params

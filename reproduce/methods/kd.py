@@ -9,37 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from reproduce.losses import cross_entropy, kd_loss
-from reproduce.methods.base import Method, Networks, Step, register
+from reproduce.methods.base import Step, TeacherStudentMethod, register
 
 
 @register
-class KD(Method):
+class KD(TeacherStudentMethod):
     name = "kd"
-    online = False
-    uses_pretrained_teacher = True
 
     @dataclass
     class Params:
         temperature: float = 4.0
         ce_weight: float = 0.1
         kd_weight: float = 0.9
-
-    def __init__(self, networks: Networks, params: Params) -> None:
-        super().__init__(networks, params)
-        self.student = networks.student()
-        self.teacher = networks.load_teacher()
-
-    def roles(self) -> dict[str, nn.Module]:
-        return {"student": self.student}
-
-    def eval_networks(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "teacher": self.teacher}
-
-    def frozen(self) -> list[nn.Module]:
-        return [self.teacher]
 
     def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
         with torch.no_grad():

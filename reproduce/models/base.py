@@ -55,3 +55,20 @@ def classifier_head(*last_stage: nn.Module, features: int, num_classes: int) -> 
         nn.Flatten(),
         nn.Linear(features, num_classes),
     )
+
+
+def conv_bn(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
+) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding=kernel_size // 2,
+            groups=groups,
+            bias=False,
+        ),
+        nn.BatchNorm2d(out_channels),
+    )

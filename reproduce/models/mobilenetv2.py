@@ -12,7 +12,7 @@ block, which changes the 100-class count only from 0.813 M to 0.816 M.
 
 from torch import Tensor, nn
 
-from reproduce.models.base import SplitNet, classifier_head, init_cifar_weights
+from reproduce.models.base import SplitNet, classifier_head, conv_bn, init_cifar_weights
 from reproduce.models.registry import register
 
 # (expansion factor, output channels, blocks, stride of the first block) for each stage.
@@ -40,19 +40,7 @@ def round_channels(channels: float, divisor: int = 8) -> int:
 def conv_bn_relu6(
     in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
 ) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding=kernel_size // 2,
-            groups=groups,
-            bias=False,
-        ),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU6(inplace=True),
-    )
+    return nn.Sequential(*conv_bn(in_channels, out_channels, kernel_size, stride, groups), nn.ReLU6(inplace=True))
 
 
 class InvertedResidual(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from reproduce.models.base import SplitNet, classifier_head, init_cifar_weights
+from reproduce.models.base import SplitNet, classifier_head, conv_bn, init_cifar_weights
 from reproduce.models.registry import register
 
 
@@ -17,23 +17,6 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     batch, channels, height, width = x.shape
     x = x.view(batch, groups, channels // groups, height, width).transpose(1, 2)
     return x.reshape(batch, channels, height, width)
-
-
-def conv_bn(
-    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
-) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding=kernel_size // 2,
-            groups=groups,
-            bias=False,
-        ),
-        nn.BatchNorm2d(out_channels),
-    )
 
 
 class ShuffleV1Unit(nn.Module):
