@@ -14,9 +14,9 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/site-cache
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export WANDB_DIR := $(CURDIR)
-export WANDB_CACHE_DIR := $(CURDIR)/.wandb/cache
-export WANDB_DATA_DIR := $(CURDIR)/.wandb/data
-export WANDB_CONFIG_DIR := $(CURDIR)/.wandb/config
+export WANDB_CACHE_DIR := $(CURDIR)/.wandb-state/cache
+export WANDB_DATA_DIR := $(CURDIR)/.wandb-state/data
+export WANDB_CONFIG_DIR := $(CURDIR)/.wandb-state/config
 
 .PHONY: install repro test test-fast bench report clean-runs
 

@@ -30,9 +30,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def keep_wandb_local(root: Path) -> None:
+    # Not ".wandb": wandb writes its runs into <WANDB_DIR>/.wandb instead of <WANDB_DIR>/wandb when that exists.
     os.environ.setdefault("WANDB_DIR", str(root))
     for variable, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_CONFIG_DIR", "config")):
-        os.environ.setdefault(variable, str(root / ".wandb" / sub))
+        os.environ.setdefault(variable, str(root / ".wandb-state" / sub))
 
 
 def git_commit() -> dict[str, Any]:
