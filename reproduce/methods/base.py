@@ -144,6 +144,20 @@ class TeacherStudentMethod(Method):
         return [self.teacher]
 
 
+class OnlinePairMethod(Method):
+    """Online distillation of a pair: teacher and student both train from scratch, each a role."""
+
+    online = True
+
+    def __init__(self, networks: Networks, params: Any) -> None:
+        super().__init__(networks, params)
+        self.teacher = networks.fresh_teacher()
+        self.student = networks.student()
+
+    def roles(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher, "student": self.student}
+
+
 def get_method(name: str) -> type[Method]:
     import reproduce.methods  # noqa: F401  (importing the package registers every method)
 

@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from reproduce.losses import balanced_kd_loss, cross_entropy, entropy, kd_loss, reverse_kd_loss
-from reproduce.methods.base import Method, Networks, Step, check_choice, mean_of, register
+from reproduce.methods.base import OnlinePairMethod, Step, check_choice, mean_of, register
 
 # w(H_s, H_t, κ): the weight of the forward KL for each sample.
 FORWARD_WEIGHTINGS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
@@ -48,9 +48,8 @@ TEACHER_REGULARISERS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 
 
 @register
-class BDKD(Method):
+class BDKD(OnlinePairMethod):
     name = "bdkd"
-    online = True
 
     @dataclass
     class Params:
@@ -65,14 +64,6 @@ class BDKD(Method):
         def validate(self) -> None:
             check_choice(self.weighting, tuple(FORWARD_WEIGHTINGS), "methods.bdkd.weighting")
             check_choice(self.teacher_reg, tuple(TEACHER_REGULARISERS), "methods.bdkd.teacher_reg")
-
-    def __init__(self, networks: Networks, params: Params) -> None:
-        super().__init__(networks, params)
-        self.teacher = networks.fresh_teacher()
-        self.student = networks.student()
-
-    def roles(self) -> dict[str, nn.Module]:
-        return {"teacher": self.teacher, "student": self.student}
 
     def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
         p = self.params

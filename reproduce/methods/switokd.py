@@ -22,16 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from reproduce.losses import SWITOKD_EPSILON_FORMS, cross_entropy, kd_loss, switokd_distances, switokd_threshold
-from reproduce.methods.base import Method, Networks, Step, check_choice, register
+from reproduce.methods.base import OnlinePairMethod, Step, check_choice, register
 
 
 @register
-class SwitOKD(Method):
+class SwitOKD(OnlinePairMethod):
     name = "switokd"
-    online = True
 
     @dataclass
     class Params:
@@ -41,14 +40,6 @@ class SwitOKD(Method):
 
         def validate(self) -> None:
             check_choice(self.eps_form, SWITOKD_EPSILON_FORMS, "methods.switokd.eps_form")
-
-    def __init__(self, networks: Networks, params: Params) -> None:
-        super().__init__(networks, params)
-        self.teacher = networks.fresh_teacher()
-        self.student = networks.student()
-
-    def roles(self) -> dict[str, nn.Module]:
-        return {"teacher": self.teacher, "student": self.student}
 
     def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
         p = self.params
