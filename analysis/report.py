@@ -37,7 +37,7 @@ from analysis.settings import AnalysisSettings, parse_settings
 from analysis.sweeps import Sweep, load_sweeps
 from analysis.tables import Cell, Table, calibration_table, comparison_table, format_stat
 from reproduce.config import Config, load_config
-from reproduce.tracking import Tracker, git_commit
+from reproduce.tracking import Tracker, git_commit, start_tracking_service
 
 OUTPUT_SUFFIXES = {"tables": (".md", ".tex", ".csv"), "figures": (".png", ".pdf")}
 UNITS = "top1: %; ece, brier: fractions; nll: nats; temperature: T of logits / T; _ts: after temperature scaling"
@@ -59,6 +59,8 @@ def run_analysis(runs_root: Path, sweeps_root: Path, out_dir: Path, params_path:
     if not params_path.exists():
         raise AnalysisError(f"{params_path}: no such parameters file; run from the project root or pass --params")
     config = load_config(params_path)
+    if track:
+        start_tracking_service(config.tracking)  # W&B and MLflow start while the figures are drawn
     settings = parse_settings(config.analysis)
     published = load_published(settings.published_path(params_path))
     runset = load_runs(runs_root)

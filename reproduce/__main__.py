@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from reproduce.config import ConfigError, load_config
+from reproduce.tracking import start_tracking_service
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -72,8 +73,6 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from reproduce.engine import RunSpec, train
-
     overrides = list(args.overrides)
     if args.network:
         if args.method != "vanilla":
@@ -83,6 +82,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.params_from and not isinstance(extra, dict):
         raise ConfigError(f"{args.params_from}: expected a mapping like {{methods: {{{args.method}: {{...}}}}}}")
     config = load_config(args.params, overrides, extra=extra)
+    if not args.no_track:
+        start_tracking_service(config.tracking)
+
+    from reproduce.engine import RunSpec, train  # imports torch: seconds that the tracking service overlaps
+
     label = "teacher" if args.network == "teacher" else args.method
     spec = RunSpec.default(args.method, args.seed, label)
     if args.out:

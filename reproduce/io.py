@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -35,5 +33,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch  # here, not at the top: the tracking service process never loads torch
+
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)

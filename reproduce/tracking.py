@@ -2,22 +2,28 @@
 
 Local files (``history.tsv`` per epoch, ``metrics.json`` at the end) are what DVC reads and are
 always written. W&B runs offline unless configured otherwise (``wandb sync`` uploads later); MLflow
-writes to ``sqlite:///mlflow.db`` unless given another tracking URI. A tracking backend that fails
-(no network, no login, a locked database) is switched off with one warning: tracking never fails
-or hangs a training run.
+writes to ``sqlite:///mlflow.db`` unless given another tracking URI. Both run in a child process,
+the tracking service, so that their start-up overlaps training. A tracking backend that fails
+(no network, no login, a locked database) is switched off with one warning, and a service that does
+not answer within a bounded time is abandoned: tracking never fails or hangs a training run.
 """
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import json
 import math
 import os
+import queue
 import subprocess
+import sys
+import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
-from reproduce.config import TrackingConfig
+from reproduce.config import TrackingConfig, config_from_dict
 from reproduce.io import atomic_write_text
 
 # W&B and MLflow write into $HOME and /tmp unless told otherwise, and MLflow phones home: keep both
@@ -59,12 +65,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class _Backend:
-    """A tracking service; any exception switches it off for the rest of the run."""
+    """A tracking destination; any exception switches it off for the rest of the run."""
 
     label = "backend"
+    id_key = "backend"  # the key of this backend's run id in a checkpoint's tracker ids
 
-    def __init__(self) -> None:
+    def __init__(self, report: Callable[[str], None] | None) -> None:
         self.active = True
+        self.report = report or (lambda message: warnings.warn(message, stacklevel=4))
 
     def call(self, action: str, *args: Any, **kwargs: Any) -> None:
         if not self.active:
@@ -73,16 +81,17 @@ class _Backend:
             getattr(self, action)(*args, **kwargs)
         except Exception as error:  # noqa: BLE001  (a tracking outage must never end training)
             self.active = False
-            warnings.warn(f"{self.label}: {action} failed ({type(error).__name__}: {error}); "
-                          f"{self.label} logging is off for the rest of this run", stacklevel=2)
+            self.report(f"{self.label}: {action} failed ({type(error).__name__}: {error}); "
+                        f"{self.label} logging is off for the rest of this run")
 
 
 class WandbBackend(_Backend):
     label = "W&B"
+    id_key = "wandb"
 
     def __init__(self, config: TrackingConfig, *, run_name: str, run_id: str | None, tags: dict[str, str],
-                 params: dict[str, Any], root: Path) -> None:
-        super().__init__()
+                 params: dict[str, Any], root: Path, report: Callable[[str], None] | None = None) -> None:
+        super().__init__(report)
         self.run = None
         self.call("_start", config, run_name, run_id, tags, params, root)
 
@@ -133,10 +142,11 @@ class WandbBackend(_Backend):
 
 class MlflowBackend(_Backend):
     label = "MLflow"
+    id_key = "mlflow"
 
     def __init__(self, config: TrackingConfig, *, run_name: str, run_id: str | None, tags: dict[str, str],
-                 params: dict[str, Any]) -> None:
-        super().__init__()
+                 params: dict[str, Any], report: Callable[[str], None] | None = None) -> None:
+        super().__init__(report)
         self.client = None
         self.run_id: str | None = None
         self.call("_start", config, run_name, run_id, tags, params)
@@ -203,7 +213,11 @@ def _artifact_root(tracking_uri: str) -> str | None:
 
 
 class Tracker:
-    """Per-epoch metrics, images, artefacts and a final summary, to every configured destination."""
+    """Per-epoch metrics, images, artefacts and a final summary, to every configured destination.
+
+    Local files are written here; W&B and MLflow calls go to this process's tracking service and
+    return at once, except ``ids`` (waits for the runs to exist) and ``finish``/``suspend`` (wait
+    until everything logged is stored, so the next process or a test can read it back)."""
 
     def __init__(self, config: TrackingConfig, *, run_dir: Path, run_name: str, tags: dict[str, str],
                  params: dict[str, Any], history: list[dict[str, float]] | None = None,
@@ -215,54 +229,241 @@ class Tracker:
         self.history: list[dict[str, float]] = list(history or [])
         if self.history:  # resumed: DVC may have deleted the outputs of the interrupted run
             write_history(self.run_dir / "history.tsv", self.history)
-        ids = resume_ids or {}
-        root = Path(root or os.getcwd())
-        self.backends: list[_Backend] = []
-        if services and config.wandb.enabled and config.wandb.mode != "disabled":
-            self.backends.append(WandbBackend(config, run_name=run_name, run_id=ids.get("wandb"), tags=tags,
-                                              params=params, root=root))
-        if services and config.mlflow.enabled:
-            self.backends.append(MlflowBackend(config, run_name=run_name, run_id=ids.get("mlflow"), tags=tags,
-                                               params=params))
+        self._service: TrackingService | None = None
+        self._handle = -1
+        if services and wants_services(config):
+            self._service = tracking_service()
+            self._handle = self._service.open(
+                config=dataclasses.asdict(config), run_name=run_name, run_ids=resume_ids or {}, tags=tags,
+                params=params, root=str(Path(root or os.getcwd()).resolve()))
+
+    @property
+    def tracked(self) -> bool:
+        """Whether W&B or MLflow receive this run (the local files always do)."""
+        return self._service is not None
 
     @property
     def ids(self) -> dict[str, str | None]:
         """Run ids to store in the checkpoint, so a resumed run continues the same tracked runs."""
-        ids: dict[str, str | None] = {}
-        for backend in self.backends:
-            if isinstance(backend, WandbBackend):
-                ids["wandb"] = backend.run_id
-            elif isinstance(backend, MlflowBackend):
-                ids["mlflow"] = backend.run_id
-        return ids
+        if self._service is None:
+            return {}
+        ids = self._service.reply(self._handle, "opened", OPEN_TIMEOUT_S)
+        self._service.raise_warnings()
+        return ids or {}
 
     def log_epoch(self, row: dict[str, float]) -> None:
         """Record one epoch (``row["epoch"]`` is the step) everywhere, and rewrite history.tsv."""
         self.history.append(dict(row))
         write_history(self.run_dir / "history.tsv", self.history)
-        for backend in self.backends:
-            backend.call("log", {k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+        self._send("log", metrics={k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
     def log_image(self, name: str, path: Path) -> None:
-        for backend in self.backends:
-            backend.call("image", name, Path(path))
+        self._send("image", name=name, path=str(Path(path).resolve()))
 
     def log_artifact(self, path: Path, kind: str = "model") -> None:
-        for backend in self.backends:
-            backend.call("artifact", Path(path), kind)
+        self._send("artifact", path=str(Path(path).resolve()), kind=kind)
 
     def suspend(self) -> None:
         """The process stops before the last epoch (``--stop-after-epoch``); a resume continues these runs."""
-        for backend in self.backends:
-            backend.call("suspend")
+        self._close("suspend")
 
     def finish(self, summary: dict[str, Any], failed: bool = False) -> None:
         if not failed:
             atomic_write_text(self.run_dir / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         flat = {k: v for k, v in flatten(summary).items() if isinstance(v, (int, float, str))}
-        for backend in self.backends:
-            backend.call("summary", flat)
-            backend.call("finish", failed)
+        self._close("finish", summary=flat, failed=failed)
+
+    def _send(self, op: str, **fields: Any) -> None:
+        if self._service is not None:
+            self._service.send({"op": op, "run": self._handle, **fields})
+            self._service.raise_warnings()
+
+    def _close(self, op: str, **fields: Any) -> None:
+        if self._service is None:
+            return
+        self._send(op, **fields)
+        self._service.reply(self._handle, "closed", CLOSE_TIMEOUT_S)
+        self._service.raise_warnings()
+        self._service = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The tracking service: W&B and MLflow run in a child process.
+#
+# Importing and starting them costs about 9 s per process on a 2-core CPU (MLflow's SQLAlchemy
+# store, W&B's service), as long as a whole 12-epoch run of the embedded default. In a child
+# process that work overlaps the parent's torch import and training, and a stuck backend can make
+# the parent wait only for a bounded time. One service per process serves every run the process
+# tracks (a sweep's trials); it speaks JSON lines over its stdin and stdout.
+
+OPEN_TIMEOUT_S = 120.0   # W&B's init_timeout (60 s) plus MLflow's bounded HTTP retries, with room
+CLOSE_TIMEOUT_S = 600.0  # a large final checkpoint copied to a remote artifact store
+
+
+def wants_services(config: TrackingConfig) -> bool:
+    return (config.wandb.enabled and config.wandb.mode != "disabled") or config.mlflow.enabled
+
+
+class TrackingService:
+    """The parent's end: a writer thread feeds the child, so logging never blocks training; a reader
+    thread collects the child's replies and warnings."""
+
+    def __init__(self) -> None:
+        project = str(Path(__file__).resolve().parent.parent)
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [project, os.environ.get("PYTHONPATH")]))}
+        self.process = subprocess.Popen([sys.executable, "-m", "reproduce.tracking"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=environment)
+        self.alive = True
+        self.replies: dict[tuple[int, str], Any] = {}
+        self.warnings: list[str] = []
+        self.changed = threading.Condition()
+        self.outbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.runs_opened = 0
+        threading.Thread(target=self._write, name="tracking-writer", daemon=True).start()
+        threading.Thread(target=self._read, name="tracking-reader", daemon=True).start()
+        atexit.register(self.close)
+
+    def open(self, **fields: Any) -> int:
+        handle = self.runs_opened
+        self.runs_opened += 1
+        # The child applies this process's W&B/MLflow environment, which may have changed since it started.
+        environment = {k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "MLFLOW_"))}
+        self.send({"op": "open", "run": handle, "environment": environment, **fields})
+        return handle
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.alive:
+            self.outbox.put(json.dumps(message, default=str))
+
+    def reply(self, handle: int, kind: str, timeout: float) -> Any:
+        """Wait for the child's answer; a child that died or is stuck switches tracking off."""
+        with self.changed:
+            self.changed.wait_for(lambda: (handle, kind) in self.replies or not self.alive, timeout)
+            if (handle, kind) in self.replies:
+                return self.replies[(handle, kind)]
+            if self.alive:
+                self.warnings.append(f"tracking service: no answer within {timeout:.0f} s; "
+                                     f"W&B and MLflow logging is off for the rest of this process")
+                self.alive = False
+                self.process.kill()
+            elif not any(message.startswith("tracking service") for message in self.warnings):
+                self.warnings.append(f"tracking service exited (code {self.process.poll()}); "
+                                     f"W&B and MLflow logging is off for the rest of this process")
+        return None
+
+    def raise_warnings(self) -> None:
+        """Re-issue the child's warnings in the calling thread, where the caller (and pytest) sees them."""
+        with self.changed:
+            pending, self.warnings = self.warnings, []
+        for message in pending:
+            warnings.warn(message, stacklevel=3)
+
+    def close(self) -> None:
+        """End of input lets the child finish and exit on its own; nobody waits for its teardown."""
+        self.outbox.put(None)
+
+    def _write(self) -> None:
+        try:
+            while (line := self.outbox.get()) is not None:
+                self.process.stdin.write(line + "\n")
+                self.process.stdin.flush()
+            self.process.stdin.close()
+        except (OSError, ValueError):
+            self._mark_dead()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            with self.changed:
+                if "warning" in message:
+                    self.warnings.append(message["warning"])
+                else:
+                    self.replies[(message["run"], message["kind"])] = message.get("value")
+                self.changed.notify_all()
+        self._mark_dead()
+
+    def _mark_dead(self) -> None:
+        with self.changed:
+            self.alive = False
+            self.changed.notify_all()
+
+
+_service: TrackingService | None = None
+
+
+def tracking_service() -> TrackingService:
+    global _service
+    if _service is None or not _service.alive:
+        _service = TrackingService()
+    return _service
+
+
+def start_tracking_service(config: TrackingConfig) -> None:
+    """Start the service before importing torch, so that the two imports overlap."""
+    if wants_services(config):
+        tracking_service()
+
+
+def serve(commands: IO[str], replies: IO[str]) -> None:
+    """The child's loop: open, log to and close runs as the parent asks, until its input ends."""
+    runs: dict[int, list[_Backend]] = {}
+
+    def answer(**message: Any) -> None:
+        replies.write(json.dumps(message, default=str) + "\n")
+        replies.flush()
+
+    for line in commands:
+        message = json.loads(line)
+        handle, op = message["run"], message["op"]
+        backends = runs.get(handle, [])
+        if op == "open":
+            _apply_environment(message["environment"])
+            runs[handle] = _open_backends(message, report=lambda text: answer(warning=text))
+            answer(run=handle, kind="opened", value={b.id_key: b.run_id for b in runs[handle]})
+        elif op == "log":
+            for backend in backends:
+                backend.call("log", message["metrics"], message["step"])
+        elif op == "image":
+            for backend in backends:
+                backend.call("image", message["name"], Path(message["path"]))
+        elif op == "artifact":
+            for backend in backends:
+                backend.call("artifact", Path(message["path"]), message["kind"])
+        elif op == "finish":
+            for backend in runs.pop(handle, []):
+                backend.call("summary", message["summary"])
+                backend.call("finish", message["failed"])
+            answer(run=handle, kind="closed")
+        elif op == "suspend":
+            for backend in runs.pop(handle, []):
+                backend.call("suspend")
+            answer(run=handle, kind="closed")
+    for backends in runs.values():  # the parent died mid-run: leave its runs resumable
+        for backend in backends:
+            backend.call("suspend")
+
+
+def _apply_environment(environment: dict[str, str]) -> None:
+    for key in [k for k in os.environ if k.startswith(("WANDB_", "MLFLOW_")) and k not in environment]:
+        del os.environ[key]
+    os.environ.update(environment)
+
+
+def _open_backends(message: dict[str, Any], report: Callable[[str], None]) -> list[_Backend]:
+    config = config_from_dict({"tracking": message["config"]}).tracking
+    common = {"run_name": message["run_name"], "tags": message["tags"], "params": message["params"],
+              "report": report}
+    ids = message["run_ids"]
+    backends: list[_Backend] = []
+    if config.wandb.enabled and config.wandb.mode != "disabled":
+        backends.append(WandbBackend(config, run_id=ids.get("wandb"), root=Path(message["root"]), **common))
+    if config.mlflow.enabled:
+        backends.append(MlflowBackend(config, run_id=ids.get("mlflow"), **common))
+    return backends
 
 
 def write_history(path: Path, rows: list[dict[str, float]]) -> None:
@@ -326,3 +527,10 @@ def read_wandb_offline_run(run_dir: Path) -> dict[str, Any]:
             elif which == "summary":
                 result["summary"].update(items(record.summary.update))
     return result
+
+
+if __name__ == "__main__":
+    # The reply channel is a private copy of stdout; whatever W&B or MLflow print goes to stderr.
+    reply_channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    serve(sys.stdin, reply_channel)

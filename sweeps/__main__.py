@@ -7,9 +7,7 @@ import json
 import sys
 
 from reproduce.config import Config, ConfigError, load_config
-from sweeps.report import write_results
-from sweeps.settings import load_settings
-from sweeps.study import load_existing_study, plan_job, run_sweep
+from reproduce.tracking import start_tracking_service
 
 DESCRIPTION = """\
 Optuna studies over a method's coefficients (search spaces: params.yaml sweep.spaces.<method>),
@@ -82,6 +80,12 @@ def _load_config(args: argparse.Namespace) -> Config:
 
 def run_command(args: argparse.Namespace) -> int:
     config = _load_config(args)
+    if not args.no_track:
+        start_tracking_service(config.tracking)
+    # Imported here, after the tracking service started: these load torch and optuna for seconds.
+    from sweeps.report import write_results
+    from sweeps.study import plan_job, run_sweep
+
     job = plan_job(config, args.method, track=not args.no_track, quiet=args.quiet)
     if job is None:
         print(f"{args.method}: sweep.spaces.{args.method} is empty, so there is nothing to tune; no study created")
@@ -98,6 +102,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from sweeps.report import write_results
+    from sweeps.settings import load_settings
+    from sweeps.study import load_existing_study, plan_job
+
     config = _load_config(args)
     storage_url = load_settings(config).storage_url(args.method)
     name = args.study

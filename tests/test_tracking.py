@@ -4,11 +4,13 @@ tracking outage never fails a run."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from conftest import PROJECT, tiny_config
 from reproduce.engine import RunSpec, train
 from reproduce.tracking import Tracker, read_wandb_offline_run, write_history
 
@@ -97,5 +99,87 @@ def test_tracker_without_services_only_writes_local_files(tmp_path: Path) -> Non
     tracker = Tracker(TrackingConfig(), run_dir=tmp_path / "run", run_name="r", tags={}, params={}, services=False)
     tracker.log_epoch({"epoch": 1, "x": 1.0})
     tracker.finish({"done": True})
-    assert tracker.backends == []
+    assert not tracker.tracked and tracker.ids == {}
+    assert (tmp_path / "run" / "metrics.json").exists() and (tmp_path / "run" / "history.tsv").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"done": True}
+
+
+# The tracking service: W&B and MLflow run in a child process that can die or stall without the run noticing.
+
+
+def _mlflow_only(tmp_path: Path):
+    from reproduce.config import config_from_dict
+
+    return config_from_dict({"tracking": {"wandb": {"enabled": False}, "mlflow": {
+        "enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "service"}}}).tracking
+
+
+def _mlflow_runs(tmp_path: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("service").experiment_id])
+
+
+def test_a_dead_tracking_service_only_switches_tracking_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(_mlflow_only(tmp_path), run_dir=tmp_path / "run", run_name="r", tags={}, params={})
+    assert tracker.ids["mlflow"]  # the child answered: the MLflow run exists
+    tracker._service.process.kill()
+    tracker._service.process.wait()
+    with pytest.warns(UserWarning, match="tracking service exited"):
+        tracker.log_epoch({"epoch": 1, "x": 1.0})
+        tracker.finish({"top1": 0.5})
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"top1": 0.5}
+    # The next tracker of the same process gets a fresh service.
+    other = Tracker(_mlflow_only(tmp_path), run_dir=tmp_path / "other", run_name="o", tags={}, params={})
+    other.finish({})
+    assert {run.info.run_name: run.info.status for run in _mlflow_runs(tmp_path)}["o"] == "FINISHED"
+
+
+def test_a_stalled_tracking_service_costs_a_bounded_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    import reproduce.tracking as tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "CLOSE_TIMEOUT_S", 1.0)
+    tracker = Tracker(_mlflow_only(tmp_path), run_dir=tmp_path / "run", run_name="r", tags={}, params={})
+    assert tracker.ids["mlflow"]
+    process = tracker._service.process
+    process.send_signal(signal.SIGSTOP)  # a backend stuck on a network call looks like this from outside
+    started = time.monotonic()
+    with pytest.warns(UserWarning, match="no answer within 1 s"):
+        tracker.finish({"top1": 0.5})
+    assert time.monotonic() - started < 5
+    assert process.wait(timeout=10) != 0  # abandoned and killed, not left behind
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_runs_of_a_killed_process_are_left_resumable(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = f"""
+import os
+import time
+from pathlib import Path
+from reproduce.config import config_from_dict
+from reproduce.tracking import Tracker
+config = config_from_dict({{"tracking": {{"wandb": {{"enabled": False}}, "mlflow": {{
+    "enabled": True, "tracking_uri": "sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "service"}}}}}}).tracking
+tracker = Tracker(config, run_dir=Path("{tmp_path / 'run'}"), run_name="killed", tags={{}}, params={{}})
+tracker.ids  # wait until the run exists
+tracker.log_epoch({{"epoch": 1, "x": 0.25}})
+time.sleep(1)  # the writer thread hands the epoch to the service
+os._exit(0)  # no finish, no atexit: as if the process were killed
+"""
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=environment, cwd=PROJECT, timeout=120)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the orphaned service marks the run and exits on its own
+        runs = _mlflow_runs(tmp_path)
+        if runs and runs[0].info.status != "RUNNING":
+            break
+        time.sleep(0.5)
+    assert runs[0].info.status == "KILLED" and runs[0].data.metrics == {"x": 0.25}
