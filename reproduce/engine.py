@@ -40,7 +40,7 @@ from reproduce.methods.base import Method, Networks, build_method, get_method
 from reproduce.metrics import classification_metrics
 from reproduce.tracking import Tracker, git_commit
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -193,16 +193,29 @@ def predict(networks: dict[str, nn.Module], batches: Batches, amp_dtype: torch.d
     return {name: torch.cat(chunks) for name, chunks in outputs.items()}, torch.cat(labels)
 
 
-def evaluate(method: Method, splits: dict[str, Batches], runtime: Runtime
+def evaluate(method: Method, splits: dict[str, Batches], runtime: Runtime,
+             fixed_logits: dict[str, dict[str, Tensor]] | None = None,
              ) -> tuple[dict[str, float], dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """Metrics ``{split}/{network}/{metric}`` for every evaluated network, plus the raw logits."""
+    """Metrics ``{split}/{network}/{metric}`` for every evaluated network, plus the raw logits.
+
+    ``fixed_logits``, kept by the caller between epochs, holds the logits of the networks that cannot
+    change (frozen and without a trainable parameter, like a pre-trained teacher): those are computed
+    on the first call only."""
     method.eval()
     networks = method.eval_networks()
+    frozen = {id(module) for module in method.frozen()}
+    fixed = [name for name, network in networks.items()
+             if id(network) in frozen and not any(p.requires_grad for p in network.parameters())]
     metrics: dict[str, float] = {}
     logits: dict[str, dict[str, Tensor]] = {}
     labels: dict[str, Tensor] = {}
     for split, batches in splits.items():
-        logits[split], labels[split] = predict(networks, batches, runtime.amp_dtype, runtime.device)
+        known = fixed_logits.get(split, {}) if fixed_logits is not None else {}
+        computed, labels[split] = predict({name: network for name, network in networks.items() if name not in known},
+                                          batches, runtime.amp_dtype, runtime.device)
+        logits[split] = {name: known[name] if name in known else computed[name] for name in networks}
+        if fixed_logits is not None:
+            fixed_logits[split] = {name: logits[split][name] for name in fixed}
         for network, values in logits[split].items():
             for metric, value in classification_metrics(values, labels[split]).items():
                 metrics[f"{split}/{network}/{metric}"] = value
@@ -374,13 +387,13 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
     state = load_checkpoint(spec, config, resume)
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"epoch": 0, "score": -math.inf}
-    start_epoch, tracker_ids = 1, None
+    start_epoch, tracker_key = 1, None
     if state is not None:
         method.load_state_dict(state["method"])
         for role, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][role])
         _restore_rng(state["rng"])
-        history, best, tracker_ids = state["history"], state["best"], state["tracker_ids"]
+        history, best, tracker_key = state["history"], state["best"], state["tracker_key"]
         start_epoch = state["epoch"] + 1
     if runtime.compile:
         for network in method.eval_networks().values():
@@ -390,14 +403,15 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
             "teacher": config.models.teacher, "student": config.models.student}
     tracker = Tracker(config.tracking, run_dir=spec.run_dir, run_name=spec.name, tags=tags,
                       params={**config.to_dict(), "run": {**tags, **git_commit()}}, history=history,
-                      resume_ids=tracker_ids, services=track and runtime.is_main)
+                      resume_key=tracker_key, services=track and runtime.is_main)
     primary_score = f"val/{method.primary}/top1"
 
+    fixed_logits: dict[str, dict[str, Tensor]] = {}
     try:
         for epoch in range(start_epoch, config.recipe.epochs + 1):
             row: dict[str, float] = {"epoch": epoch}
             row.update(_train_epoch(method, optimizers, train_batches, epoch, config, runtime))
-            metrics, logits, labels = evaluate(method, eval_batches, runtime)
+            metrics, logits, labels = evaluate(method, eval_batches, runtime, fixed_logits)
             row.update(metrics)
             if row[primary_score] > best["score"]:
                 best = {"epoch": epoch, "score": row[primary_score]}
@@ -411,7 +425,7 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
                                    "method": method.state_dict(),
                                    "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
                                    "rng": _rng_state(), "history": tracker.history, "best": best,
-                                   "tracker_ids": tracker.ids}, spec.checkpoint_dir / "last.pt")
+                                   "tracker_key": tracker.key}, spec.checkpoint_dir / "last.pt")
             if not config.runtime.quiet and runtime.is_main:
                 print(_epoch_line(row, method.eval_networks()), flush=True)
             if on_epoch_end is not None:

@@ -19,6 +19,7 @@ import queue
 import subprocess
 import sys
 import threading
+import uuid
 import warnings
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -33,6 +34,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # A tracking server that is down must cost seconds, not MLflow's default minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+# A run's key names it in both services (W&B run id; MLflow tag): a resumed run finds its runs again.
+RUN_KEY_TAG = "run_key"
 
 
 def keep_wandb_local(root: Path) -> None:
@@ -68,7 +73,6 @@ class _Backend:
     """A tracking destination; any exception switches it off for the rest of the run."""
 
     label = "backend"
-    id_key = "backend"  # the key of this backend's run id in a checkpoint's tracker ids
 
     def __init__(self, report: Callable[[str], None] | None) -> None:
         self.active = True
@@ -87,32 +91,27 @@ class _Backend:
 
 class WandbBackend(_Backend):
     label = "W&B"
-    id_key = "wandb"
 
-    def __init__(self, config: TrackingConfig, *, run_name: str, run_id: str | None, tags: dict[str, str],
+    def __init__(self, config: TrackingConfig, *, run_name: str, run_key: str, resuming: bool, tags: dict[str, str],
                  params: dict[str, Any], root: Path, report: Callable[[str], None] | None = None) -> None:
         super().__init__(report)
         self.run = None
-        self.call("_start", config, run_name, run_id, tags, params, root)
+        self.call("_start", config, run_name, run_key, tags, params, root)
 
-    def _start(self, config: TrackingConfig, run_name: str, run_id: str | None, tags: dict[str, str],
+    def _start(self, config: TrackingConfig, run_name: str, run_key: str, tags: dict[str, str],
                params: dict[str, Any], root: Path) -> None:
         keep_wandb_local(root)
         import wandb
 
         mode = os.environ.get("WANDB_MODE", config.wandb.mode)
         self.run = wandb.init(project=config.project, entity=config.wandb.entity, group=config.group,
-                              name=run_name, id=run_id, resume="allow", mode=mode, config=params,
+                              name=run_name, id=run_key, resume="allow", mode=mode, config=params,
                               tags=[f"{k}:{v}" for k, v in tags.items()], dir=os.environ["WANDB_DIR"], reinit="create_new",
                               # The git commit is logged with the config; machine probes, requirement
                               # scans and job creation cost seconds per run and add nothing here.
                               settings=wandb.Settings(init_timeout=60, x_disable_stats=True, console="off",
                                                       x_disable_machine_info=True, x_save_requirements=False,
                                                       disable_git=True, save_code=False, disable_job_creation=True))
-
-    @property
-    def run_id(self) -> str | None:
-        return self.run.id if self.run is not None else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -142,30 +141,32 @@ class WandbBackend(_Backend):
 
 class MlflowBackend(_Backend):
     label = "MLflow"
-    id_key = "mlflow"
 
-    def __init__(self, config: TrackingConfig, *, run_name: str, run_id: str | None, tags: dict[str, str],
+    def __init__(self, config: TrackingConfig, *, run_name: str, run_key: str, resuming: bool, tags: dict[str, str],
                  params: dict[str, Any], report: Callable[[str], None] | None = None) -> None:
         super().__init__(report)
         self.client = None
         self.run_id: str | None = None
-        self.call("_start", config, run_name, run_id, tags, params)
+        self.call("_start", config, run_name, run_key, resuming, tags, params)
 
-    def _start(self, config: TrackingConfig, run_name: str, run_id: str | None, tags: dict[str, str],
+    def _start(self, config: TrackingConfig, run_name: str, run_key: str, resuming: bool, tags: dict[str, str],
                params: dict[str, Any]) -> None:
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI", config.mlflow.tracking_uri)
         self.client = MlflowClient(uri)
-        if run_id is not None:  # resuming: keep writing into the same run
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            return
         experiment = self.client.get_experiment_by_name(config.mlflow.experiment)
         experiment_id = (experiment.experiment_id if experiment else
                          self.client.create_experiment(config.mlflow.experiment, artifact_location=_artifact_root(uri)))
-        all_tags = {**tags, "group": config.group, "mlflow.runName": run_name}
+        if resuming:  # keep writing into the run this key started
+            found = self.client.search_runs([experiment_id], filter_string=f"tags.{RUN_KEY_TAG} = '{run_key}'",
+                                            max_results=1)
+            if found:
+                self.run_id = found[0].info.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
+        all_tags = {**tags, "group": config.group, "mlflow.runName": run_name, RUN_KEY_TAG: run_key}
         run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
         flat = flatten(params)
@@ -216,40 +217,33 @@ class Tracker:
     """Per-epoch metrics, images, artefacts and a final summary, to every configured destination.
 
     Local files are written here; W&B and MLflow calls go to this process's tracking service and
-    return at once, except ``ids`` (waits for the runs to exist) and ``finish``/``suspend`` (wait
-    until everything logged is stored, so the next process or a test can read it back)."""
+    return at once, except ``finish``/``suspend``, which wait until everything logged is stored, so
+    that the next process or a test can read it back."""
 
     def __init__(self, config: TrackingConfig, *, run_dir: Path, run_name: str, tags: dict[str, str],
                  params: dict[str, Any], history: list[dict[str, float]] | None = None,
-                 resume_ids: dict[str, str | None] | None = None, root: Path | None = None,
-                 services: bool = True) -> None:
-        """``services=False`` writes only the local files (DDP ranks other than 0, quick tests)."""
+                 resume_key: str | None = None, root: Path | None = None, services: bool = True) -> None:
+        """``resume_key``: the ``key`` of the run to continue. ``services=False`` writes only the local
+        files (DDP ranks other than 0, quick tests)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, float]] = list(history or [])
         if self.history:  # resumed: DVC may have deleted the outputs of the interrupted run
             write_history(self.run_dir / "history.tsv", self.history)
+        # Chosen here, not by the services, so that a checkpoint can hold it without waiting for them.
+        self.key = resume_key or uuid.uuid4().hex[:16]
         self._service: TrackingService | None = None
         self._handle = -1
         if services and wants_services(config):
             self._service = tracking_service()
             self._handle = self._service.open(
-                config=dataclasses.asdict(config), run_name=run_name, run_ids=resume_ids or {}, tags=tags,
-                params=params, root=str(Path(root or os.getcwd()).resolve()))
+                config=dataclasses.asdict(config), run_name=run_name, run_key=self.key, resuming=resume_key is not None,
+                tags=tags, params=params, root=str(Path(root or os.getcwd()).resolve()))
 
     @property
     def tracked(self) -> bool:
         """Whether W&B or MLflow receive this run (the local files always do)."""
         return self._service is not None
-
-    @property
-    def ids(self) -> dict[str, str | None]:
-        """Run ids to store in the checkpoint, so a resumed run continues the same tracked runs."""
-        if self._service is None:
-            return {}
-        ids = self._service.reply(self._handle, "opened", OPEN_TIMEOUT_S)
-        self._service.raise_warnings()
-        return ids or {}
 
     def log_epoch(self, row: dict[str, float]) -> None:
         """Record one epoch (``row["epoch"]`` is the step) everywhere, and rewrite history.tsv."""
@@ -296,8 +290,9 @@ class Tracker:
 # the parent wait only for a bounded time. One service per process serves every run the process
 # tracks (a sweep's trials); it speaks JSON lines over its stdin and stdout.
 
-OPEN_TIMEOUT_S = 120.0   # W&B's init_timeout (60 s) plus MLflow's bounded HTTP retries, with room
-CLOSE_TIMEOUT_S = 600.0  # a large final checkpoint copied to a remote artifact store
+# Opening a run (W&B's init_timeout is 60 s, MLflow's HTTP retries are bounded) and storing a large
+# final checkpoint on a remote artifact server both fit in this.
+CLOSE_TIMEOUT_S = 600.0
 
 
 def wants_services(config: TrackingConfig) -> bool:
@@ -423,7 +418,6 @@ def serve(commands: IO[str], replies: IO[str]) -> None:
         if op == "open":
             _apply_environment(message["environment"])
             runs[handle] = _open_backends(message, report=lambda text: answer(warning=text))
-            answer(run=handle, kind="opened", value={b.id_key: b.run_id for b in runs[handle]})
         elif op == "log":
             for backend in backends:
                 backend.call("log", message["metrics"], message["step"])
@@ -455,14 +449,13 @@ def _apply_environment(environment: dict[str, str]) -> None:
 
 def _open_backends(message: dict[str, Any], report: Callable[[str], None]) -> list[_Backend]:
     config = config_from_dict({"tracking": message["config"]}).tracking
-    common = {"run_name": message["run_name"], "tags": message["tags"], "params": message["params"],
-              "report": report}
-    ids = message["run_ids"]
+    common = {"run_name": message["run_name"], "run_key": message["run_key"], "resuming": message["resuming"],
+              "tags": message["tags"], "params": message["params"], "report": report}
     backends: list[_Backend] = []
     if config.wandb.enabled and config.wandb.mode != "disabled":
-        backends.append(WandbBackend(config, run_id=ids.get("wandb"), root=Path(message["root"]), **common))
+        backends.append(WandbBackend(config, root=Path(message["root"]), **common))
     if config.mlflow.enabled:
-        backends.append(MlflowBackend(config, run_id=ids.get("mlflow"), **common))
+        backends.append(MlflowBackend(config, **common))
     return backends
 
 

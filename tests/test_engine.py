@@ -132,3 +132,29 @@ def test_kd_distils_from_the_trained_teacher(prepared_root: Path, teacher_runs_r
     # The frozen teacher is evaluated too, and is exactly the trained one.
     assert summary["last"]["test"]["teacher"]["top1"] == pytest.approx(teacher_summary["last"]["test"]["teacher"]["top1"])
     assert summary["last"]["test"]["student"]["top1"] > 30
+
+
+@pytest.mark.parametrize("method, cached", [("kd", {"teacher"}), ("dml", set())])
+def test_only_networks_that_cannot_change_are_evaluated_once(prepared_root: Path, teacher_runs_root: Path,
+                                                              tmp_path: Path, method: str, cached: set[str]) -> None:
+    from reproduce.data.loader import make_loaders
+    from reproduce.data.prepare import load_prepared
+    from reproduce.engine import evaluate, make_networks, resolve_runtime
+    from reproduce.methods.base import build_method
+
+    config = tiny_config(prepared_root, tmp_path, teacher={"runs_root": str(teacher_runs_root)})
+    runtime = resolve_runtime(config.runtime)
+    prepared = load_prepared(config.dataset.prepared_dir)
+    _, splits = make_loaders(prepared, config.dataset, batch_size=64, eval_batch_size=128, device=runtime.device,
+                             seed=0, channels_last=False, num_workers=0, rank=0, world_size=1)
+    built = build_method(config, method, make_networks(config, prepared.num_classes, prepared.in_channels, runtime.device))
+    forwards = {name: 0 for name in built.eval_networks()}
+    for name, network in built.eval_networks().items():
+        network.register_forward_hook(lambda *_, name=name: forwards.__setitem__(name, forwards[name] + 1))
+    cache: dict = {}
+    first, _, _ = evaluate(built, splits, runtime, cache)
+    after_first = dict(forwards)
+    second, _, _ = evaluate(built, splits, runtime, cache)
+    repeated = {name for name in forwards if forwards[name] > after_first[name]}
+    assert repeated == set(forwards) - cached and all(after_first.values())
+    assert second == first == evaluate(built, splits, runtime)[0]  # the cache changes no number

@@ -99,7 +99,7 @@ def test_tracker_without_services_only_writes_local_files(tmp_path: Path) -> Non
     tracker = Tracker(TrackingConfig(), run_dir=tmp_path / "run", run_name="r", tags={}, params={}, services=False)
     tracker.log_epoch({"epoch": 1, "x": 1.0})
     tracker.finish({"done": True})
-    assert not tracker.tracked and tracker.ids == {}
+    assert not tracker.tracked and len(tracker.key) == 16
     assert (tmp_path / "run" / "metrics.json").exists() and (tmp_path / "run" / "history.tsv").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == {"done": True}
 
@@ -118,13 +118,13 @@ def _mlflow_runs(tmp_path: Path) -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return client.search_runs([client.get_experiment_by_name("service").experiment_id])
+    experiment = client.get_experiment_by_name("service")  # None until the service has created it
+    return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
 def test_a_dead_tracking_service_only_switches_tracking_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracker = Tracker(_mlflow_only(tmp_path), run_dir=tmp_path / "run", run_name="r", tags={}, params={})
-    assert tracker.ids["mlflow"]  # the child answered: the MLflow run exists
     tracker._service.process.kill()
     tracker._service.process.wait()
     with pytest.warns(UserWarning, match="tracking service exited"):
@@ -145,7 +145,6 @@ def test_a_stalled_tracking_service_costs_a_bounded_wait(tmp_path: Path, monkeyp
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(tracking, "CLOSE_TIMEOUT_S", 1.0)
     tracker = Tracker(_mlflow_only(tmp_path), run_dir=tmp_path / "run", run_name="r", tags={}, params={})
-    assert tracker.ids["mlflow"]
     process = tracker._service.process
     process.send_signal(signal.SIGSTOP)  # a backend stuck on a network call looks like this from outside
     started = time.monotonic()
@@ -156,7 +155,7 @@ def test_a_stalled_tracking_service_costs_a_bounded_wait(tmp_path: Path, monkeyp
     assert (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_runs_of_a_killed_process_are_left_resumable(tmp_path: Path) -> None:
+def test_runs_of_a_killed_process_are_left_resumable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
     import sys
 
@@ -169,17 +168,24 @@ from reproduce.tracking import Tracker
 config = config_from_dict({{"tracking": {{"wandb": {{"enabled": False}}, "mlflow": {{
     "enabled": True, "tracking_uri": "sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "service"}}}}}}).tracking
 tracker = Tracker(config, run_dir=Path("{tmp_path / 'run'}"), run_name="killed", tags={{}}, params={{}})
-tracker.ids  # wait until the run exists
 tracker.log_epoch({{"epoch": 1, "x": 0.25}})
 time.sleep(1)  # the writer thread hands the epoch to the service
+print(tracker._service.process.pid, flush=True)
 os._exit(0)  # no finish, no atexit: as if the process were killed
 """
-    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    subprocess.run([sys.executable, "-c", script], check=True, env=environment, cwd=PROJECT, timeout=120)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    done = subprocess.run([sys.executable, "-c", script], check=True, cwd=PROJECT, timeout=120,
+                          capture_output=True, text=True)
+    service = int(done.stdout.split()[-1])
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the orphaned service marks the run and exits on its own
-        runs = _mlflow_runs(tmp_path)
-        if runs and runs[0].info.status != "RUNNING":
-            break
-        time.sleep(0.5)
+    while Path(f"/proc/{service}").exists() and time.monotonic() < deadline:  # orphaned, it finishes on its own
+        time.sleep(0.2)
+    runs = _mlflow_runs(tmp_path)
     assert runs[0].info.status == "KILLED" and runs[0].data.metrics == {"x": 0.25}
+    # Resuming with the run's key continues that MLflow run instead of starting another.
+    resumed = Tracker(_mlflow_only(tmp_path), run_dir=tmp_path / "run", run_name="killed", tags={}, params={},
+                      resume_key=runs[0].data.tags["run_key"])
+    resumed.log_epoch({"epoch": 2, "x": 0.5})
+    resumed.finish({})
+    (run,) = _mlflow_runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.metrics == {"x": 0.5}

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from reproduce.losses import cross_entropy, dkd_parts, target_log_probability
@@ -110,6 +109,8 @@ class AEKT(Method):
     def end_of_training(self, run_dir: Path) -> dict[str, Path]:
         if self.params.head != "serial":
             return {}
+        from matplotlib.figure import Figure  # here: every training process imports the methods, ~1 s
+
         weight = self.distill_head.weight.detach().float().cpu()
         off_diagonal = weight - torch.diag(torch.diag(weight))
         # The diagonal stays near 1 and would wash out the colour scale; scale to the relations instead.
