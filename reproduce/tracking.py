@@ -285,7 +285,7 @@ class Tracker:
 # The tracking service: W&B and MLflow run in a child process.
 #
 # Importing and starting them costs about 9 s per process on a 2-core CPU (MLflow's SQLAlchemy
-# store, W&B's service), as long as a whole 12-epoch run of the embedded default. In a child
+# store, W&B's service), as long as a whole run of the embedded default. In a child
 # process that work overlaps the parent's torch import and training, and a stuck backend can make
 # the parent wait only for a bounded time. One service per process serves every run the process
 # tracks (a sweep's trials); it speaks JSON lines over its stdin and stdout.
@@ -523,7 +523,13 @@ def read_wandb_offline_run(run_dir: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # Training keeps every core busy; the service's start-up should fill the gaps, not slow it down.
+    os.nice(10)
     # The reply channel is a private copy of stdout; whatever W&B or MLflow print goes to stderr.
     reply_channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     serve(sys.stdin, reply_channel)
+    # Every run is finished or suspended and stored; the interpreter's teardown of MLflow and W&B
+    # (about a second of CPU) would only compete with the next stage's start.
+    sys.stderr.flush()
+    os._exit(0)
