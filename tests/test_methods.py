@@ -25,13 +25,7 @@ from tests.conftest import tiny_config
 CLASSES, CHANNELS, BATCH = 10, 1, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def few_threads() -> Iterator[None]:
-    """Tiny batches gain nothing from threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def networks(teacher: str = "resnet8", student: str = "resnet8") -> Networks:

@@ -4,7 +4,6 @@ dataset's shape (ImageNet at a reduced 64x64 to stay fast)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,7 @@ DATASET_SHAPES = {  # name -> (classes, channels, image size used here)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def few_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_paper_has_a_recipe() -> None:
