@@ -276,7 +276,7 @@ class Tracker:
         if self._service is None:
             return
         self._send(op, **fields)
-        self._service.reply(self._handle, "closed", CLOSE_TIMEOUT_S)
+        self._service.wait_closed(self._handle, CLOSE_TIMEOUT_S)
         self._service.raise_warnings()
         self._service = None
 
@@ -301,7 +301,7 @@ def wants_services(config: TrackingConfig) -> bool:
 
 class TrackingService:
     """The parent's end: a writer thread feeds the child, so logging never blocks training; a reader
-    thread collects the child's replies and warnings."""
+    thread collects which runs the child has closed, and its warnings."""
 
     def __init__(self) -> None:
         project = str(Path(__file__).resolve().parent.parent)
@@ -310,7 +310,7 @@ class TrackingService:
         self.process = subprocess.Popen([sys.executable, "-m", "reproduce.tracking"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=environment)
         self.alive = True
-        self.replies: dict[tuple[int, str], Any] = {}
+        self.closed: set[int] = set()
         self.warnings: list[str] = []
         self.changed = threading.Condition()
         self.outbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -331,12 +331,13 @@ class TrackingService:
         if self.alive:
             self.outbox.put(json.dumps(message, default=str))
 
-    def reply(self, handle: int, kind: str, timeout: float) -> Any:
-        """Wait for the child's answer; a child that died or is stuck switches tracking off."""
+    def wait_closed(self, handle: int, timeout: float) -> None:
+        """Wait until the child has stored and closed run ``handle``; a child that died or is stuck
+        switches tracking off."""
         with self.changed:
-            self.changed.wait_for(lambda: (handle, kind) in self.replies or not self.alive, timeout)
-            if (handle, kind) in self.replies:
-                return self.replies[(handle, kind)]
+            self.changed.wait_for(lambda: handle in self.closed or not self.alive, timeout)
+            if handle in self.closed:
+                return
             if self.alive:
                 self.warnings.append(f"tracking service: no answer within {timeout:.0f} s; "
                                      f"W&B and MLflow logging is off for the rest of this process")
@@ -345,7 +346,6 @@ class TrackingService:
             elif not any(message.startswith("tracking service") for message in self.warnings):
                 self.warnings.append(f"tracking service exited (code {self.process.poll()}); "
                                      f"W&B and MLflow logging is off for the rest of this process")
-        return None
 
     def raise_warnings(self) -> None:
         """Re-issue the child's warnings in the calling thread, where the caller (and pytest) sees them."""
@@ -377,7 +377,7 @@ class TrackingService:
                 if "warning" in message:
                     self.warnings.append(message["warning"])
                 else:
-                    self.replies[(message["run"], message["kind"])] = message.get("value")
+                    self.closed.add(message["closed"])
                 self.changed.notify_all()
         self._mark_dead()
 
@@ -431,11 +431,11 @@ def serve(commands: IO[str], replies: IO[str]) -> None:
             for backend in runs.pop(handle, []):
                 backend.call("summary", message["summary"])
                 backend.call("finish", message["failed"])
-            answer(run=handle, kind="closed")
+            answer(closed=handle)
         elif op == "suspend":
             for backend in runs.pop(handle, []):
                 backend.call("suspend")
-            answer(run=handle, kind="closed")
+            answer(closed=handle)
     for backends in runs.values():  # the parent died mid-run: leave its runs resumable
         for backend in backends:
             backend.call("suspend")
