@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine (Python 3.11):
-#   make repro   create .venv if missing, install, run the whole DVC pipeline on the embedded default
+#   make repro   create .venv if missing, install, sync registry.yaml with the method registry,
+#                run the whole DVC pipeline on the embedded default
 #   make test    create .venv if missing, install, run the test suite
 # A second run reuses .venv; it reinstalls only when pyproject.toml changes.
 
@@ -29,6 +30,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 repro: $(STAMP)
+	$(VENV)/bin/python -m reproduce pipeline
 	dvc repro
 
 test: $(STAMP)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m reproduce {prepare,train,methods}``; ``--help`` on each."""
+"""Command line: ``python -m reproduce {prepare,train,stage,pipeline,recipe,methods}``; ``--help`` on each."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import yaml
 
 from reproduce.config import ConfigError, load_config
-from reproduce.tracking import start_tracking_service
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -28,28 +27,37 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--download", action="store_true", help="download the raw data where the network allows")
     prepare.add_argument("--no-verify-md5", action="store_true", help="skip the md5 check of raw files")
 
-    train = commands.add_parser("train", help="train one method with one seed")
+    train = commands.add_parser("train", help="train one method with one seed (an ad-hoc run, kept apart from "
+                                              "the pipeline's runs: runs/adhoc/<method>/seed<k>)")
     _common(train)
     train.add_argument("--method", required=True, help="method name (python -m reproduce methods lists them)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--network", choices=("student", "teacher"), default=None,
-                       help="vanilla only: which architecture to train (teacher = the train_teacher stage)")
     train.add_argument("--params-from", type=Path, default=None,
                        help="YAML overlay merged into the parameters, e.g. sweeps/results/bdkd/best_params.yaml")
-    train.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<method>/seed<k>)")
-    train.add_argument("--resume", choices=("auto", "always", "never"), default="auto",
-                       help="auto: continue a checkpoint written by the same configuration (default)")
-    train.add_argument("--stop-after-epoch", type=int, default=None,
-                       help="exit after this epoch (pre-emptible jobs); rerun to resume")
-    train.add_argument("--no-track", action="store_true", help="local files only: no W&B, no MLflow")
+    train.add_argument("--out", type=Path, default=None, help="run directory (default: runs/adhoc/<method>/seed<k>)")
+    _resume_options(train)
+
+    stage = commands.add_parser("stage", help="the DVC stage of one method: every seed of pipeline.seeds into "
+                                              "runs/<method>/, headline metrics and curves into dvclive/<method>/")
+    _common(stage)
+    stage.add_argument("--method", required=True)
+    stage.add_argument("--resume", choices=("auto", "always", "never"), default="auto")
+    stage.add_argument("--no-track", action="store_true", help="local files only: no W&B, no MLflow")
+
+    pipeline = commands.add_parser("pipeline", help="write registry.yaml (what dvc.yaml iterates over) from the "
+                                                    "method registry; `make repro` runs it before `dvc repro`")
+    pipeline.add_argument("--params", default="params.yaml")
+    pipeline.add_argument("--only", default=None, help="comma-separated subset of methods (quick pipelines, tests)")
+    pipeline.add_argument("--check", action="store_true", help="exit 1 if registry.yaml or params.yaml is out of date")
 
     recipe = commands.add_parser("recipe", help="run a paper's recipe end to end (configs/papers/*.yaml)")
     _common(recipe)
     recipe.add_argument("recipe", type=Path, help="e.g. configs/papers/switokd_cifar100.yaml")
     recipe.add_argument("--download", action="store_true", help="download the raw data where the network allows")
     recipe.add_argument("--dry-run", action="store_true", help="validate and list the runs without training")
+    recipe.add_argument("--no-track", action="store_true", help="local files only: no W&B, no MLflow")
 
-    commands.add_parser("methods", help="list the methods and their default parameters")
+    commands.add_parser("methods", help="list the methods, their kind, search space and default parameters")
 
     args = parser.parse_args(argv)
     try:
@@ -57,6 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def _resume_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", choices=("auto", "always", "never"), default="auto",
+                        help="auto: continue a checkpoint written by the same configuration (default)")
+    parser.add_argument("--stop-after-epoch", type=int, default=None,
+                        help="exit after this epoch (pre-emptible jobs); rerun to resume")
+    parser.add_argument("--no-track", action="store_true", help="local files only: no W&B, no MLflow")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -73,29 +89,53 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    if args.network:
-        if args.method != "vanilla":
-            raise ConfigError("--network applies to --method vanilla only")
-        overrides.append(f"methods.vanilla.network={args.network}")
     extra = yaml.safe_load(args.params_from.read_text()) if args.params_from else None
     if args.params_from and not isinstance(extra, dict):
         raise ConfigError(f"{args.params_from}: expected a mapping like {{methods: {{{args.method}: {{...}}}}}}")
-    config = load_config(args.params, overrides, extra=extra)
-    if not args.no_track:
-        start_tracking_service(config.tracking)
+    config = load_config(args.params, args.overrides, extra=extra)
+    from reproduce.engine import RunSpec, train
 
-    from reproduce.engine import RunSpec, train  # imports torch: seconds that the tracking service overlaps
-
-    label = "teacher" if args.network == "teacher" else args.method
-    spec = RunSpec.default(args.method, args.seed, label)
+    spec = RunSpec.default(args.method, args.seed, runs_root="runs/adhoc", checkpoints_root="checkpoints/adhoc")
     if args.out:
-        spec = RunSpec(args.method, args.seed, args.out, Path("checkpoints") / args.out)
+        spec = RunSpec(args.method, args.seed, args.out, Path("checkpoints") / "adhoc" / args.out.name)
     summary = train(config, spec, resume=args.resume, stop_after_epoch=args.stop_after_epoch, track=not args.no_track)
     if "stopped_after_epoch" in summary:
         print(f"stopped after epoch {summary['stopped_after_epoch']}; rerun the same command to resume")
     else:
         print(f"wrote {spec.run_dir}/metrics.json")
+    return 0
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    from reproduce.pipeline import run_stage as train_every_seed
+
+    config = load_config(args.params, args.overrides)
+    result = train_every_seed(config, args.method, resume=args.resume, track=not args.no_track)
+    print(f"wrote runs/{args.method}/seed{{{','.join(map(str, result['seeds']))}}} and dvclive/{args.method}/")
+    return 0
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from reproduce.pipeline import REGISTRY_FILE, method_lists, sync
+
+    only = args.only.split(",") if args.only else None
+    if args.check:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            copy = Path(scratch) / "params.yaml"
+            copy.write_text(Path(args.params).read_text())
+            stale = sync(copy, Path(scratch) / "registry.yaml", only)
+            current = REGISTRY_FILE.exists() and REGISTRY_FILE.read_text() == (Path(scratch) / "registry.yaml").read_text()
+        problems = ([] if current else [f"{REGISTRY_FILE} differs from the registry"]) + \
+            [item for item in stale if item.startswith(str(args.params))]
+        for problem in problems:
+            print(f"out of date: {problem}; run `python -m reproduce pipeline`", file=sys.stderr)
+        return 1 if problems else 0
+    changed = sync(Path(args.params), REGISTRY_FILE, only)
+    lists = method_lists(only)["registry"]
+    print(f"{REGISTRY_FILE}: {len(lists['standalone'])} methods from scratch, {len(lists['distill'])} distilling "
+          f"from the teacher, {len(lists['sweep'])} swept" + (f"; updated {', '.join(changed)}" if changed else ""))
     return 0
 
 
@@ -105,8 +145,8 @@ def run_recipe(args: argparse.Namespace) -> int:
     Runs land in runs/papers/<recipe>/ (analyse them with `python -m analysis --runs runs/papers/<recipe>`);
     rerunning the command resumes unfinished runs and skips finished ones."""
     from reproduce.data.prepare import prepare
-    from reproduce.engine import RunSpec, train
     from reproduce.methods import get_method
+    from reproduce.pipeline import run_stage as train_every_seed
 
     if not args.recipe.exists():
         raise FileNotFoundError(f"{args.recipe}: no such recipe; available: "
@@ -116,44 +156,47 @@ def run_recipe(args: argparse.Namespace) -> int:
     overlay.setdefault("teacher", {})["runs_root"] = str(runs_root / "teacher")
     overlay.setdefault("tracking", {})["group"] = f"paper-{args.recipe.stem}"
     config = load_config(args.params, args.overrides, extra=overlay)
-    seeds = config.pipeline.get("seeds", [0])
-    methods = list(config.pipeline.get("standalone", [])) + list(config.pipeline.get("distill", []))
-    for name in methods:
-        get_method(name).parse_params(config.methods.get(name))
-    runs = [RunSpec("vanilla", seed, runs_root / "teacher" / f"seed{seed}", checkpoints_root / "teacher" / f"seed{seed}")
-            for seed in seeds if config.pipeline.get("distill")]
-    runs += [RunSpec.default(name, seed, runs_root=str(runs_root), checkpoints_root=str(checkpoints_root))
-             for name in methods for seed in seeds]
+    methods = list(config.pipeline.methods)
+    if not methods:
+        raise ConfigError(f"{args.recipe}: pipeline.methods is empty; list the methods the recipe runs")
+    classes = [get_method(name) for name in methods]
+    for cls in classes:
+        cls.parse_params(config.methods.get(cls.name))
+    if any(cls.uses_pretrained_teacher for cls in classes) and "teacher" not in methods:
+        methods.insert(0, "teacher")
+    protocol = ("the papers' protocol: the whole training set, best epoch on test" if config.dataset.val_fraction == 0
+                else f"{config.dataset.val_fraction:.0%} of the training set held out, best epoch on validation")
     print(f"{args.recipe}: {config.dataset.name}, {config.models.teacher} -> {config.models.student}, "
-          f"{config.recipe.epochs} epochs, {len(runs)} runs")
+          f"{config.recipe.epochs} epochs, seeds {config.pipeline.seeds}, {protocol}; methods: {', '.join(methods)}")
     if args.dry_run:
-        for spec in runs:
-            print(f"  {spec.method:8s} seed {spec.seed} -> {spec.run_dir}")
+        for name in methods:
+            for seed in config.pipeline.seeds:
+                print(f"  {name:8s} seed {seed} -> {runs_root / name / f'seed{seed}'}")
         return 0
     data = config.dataset
-    if not data.prepared_dir.exists():
+    manifest = data.prepared_dir / "manifest.json"
+    if not manifest.exists() or json.loads(manifest.read_text()).get("val_fraction") != data.val_fraction:
         prepare(data.name, Path(data.raw_root), Path(data.prepared_root), val_fraction=data.val_fraction,
                 split_seed=data.split_seed, download=args.download or data.download, verify_md5=data.verify_md5)
-    for spec in runs:
-        if (spec.run_dir / "metrics.json").exists():
-            print(f"  {spec.run_dir}: done")
-            continue
-        network = ["methods.vanilla.network=teacher"] if spec.run_dir.parent.name == "teacher" else []
-        train(load_config(args.params, args.overrides + network, extra=overlay), spec)
-    print(f"done: python -m analysis --runs {runs_root}")
+    for name in methods:
+        train_every_seed(config, name, runs_root=runs_root, checkpoints_root=checkpoints_root,
+                         live_root=runs_root / "dvclive", track=not args.no_track)
+    print(f"done: python -m analysis --runs {runs_root} --out reports/papers/{args.recipe.stem}")
     return 0
 
 
 def run_methods(args: argparse.Namespace) -> int:
-    from reproduce.methods import METHODS
+    from reproduce.methods.base import registered
 
-    for name, cls in sorted(METHODS.items()):
+    for cls in registered():
         kind = "online" if cls.online else ("offline" if cls.uses_pretrained_teacher else "standalone")
-        print(f"{name:10s} {kind:10s} {cls.default_params()}")
+        space = ", ".join(cls.search_space) or "-"
+        print(f"{cls.name:9s} {cls.display_name:18s} {kind:10s} search: {space}\n{'':9s} defaults: {cls.default_params()}")
     return 0
 
 
-COMMANDS = {"prepare": run_prepare, "train": run_train, "recipe": run_recipe, "methods": run_methods}
+COMMANDS = {"prepare": run_prepare, "train": run_train, "stage": run_stage, "pipeline": run_pipeline,
+            "recipe": run_recipe, "methods": run_methods}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,6 +26,11 @@ class ConfigError(ValueError):
 class AugmentConfig:
     crop_padding: int = 4  # random crop back to the input size after zero-padding by this many pixels
     flip: bool = True  # random horizontal flip (off for digits: a mirrored 3 is not a 3)
+    padding_mode: str = "zeros"  # zeros | reflect (SOKD's loader)
+
+    def validate(self) -> None:
+        _at_least(self.crop_padding, 0, "dataset.augment.crop_padding")
+        check_choice(self.padding_mode, ("zeros", "reflect"), "dataset.augment.padding_mode")
 
 
 @dataclass
@@ -39,6 +44,16 @@ class DatasetConfig:
     verify_md5: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     image_size: int = 224  # only for "files" (ImageNet-scale) storage
+    # Per-channel normalisation: "dataset" (the prepared training split's statistics) or the fixed
+    # statistics an official code hard-codes: cifar10 | cifar100 | imagenet.
+    normalization: str = "dataset"
+
+    def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"dataset.val_fraction: must be in [0, 1) (0 = no validation split, the papers' "
+                              f"protocol), got {self.val_fraction}")
+        check_choice(self.normalization, ("dataset", "cifar10", "cifar100", "imagenet"), "dataset.normalization")
+        _at_least(self.image_size, 1, "dataset.image_size")
 
     @property
     def prepared_dir(self) -> Path:
@@ -59,6 +74,13 @@ class OptimizerConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
 
+    def validate(self, where: str = "recipe.optimizer") -> None:
+        check_choice(self.name, ("sgd", "adamw"), f"{where}.name")
+        _positive(self.lr, f"{where}.lr")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"{where}.momentum: must be in [0, 1), got {self.momentum}")
+        _at_least(self.weight_decay, 0, f"{where}.weight_decay")
+
 
 @dataclass
 class ScheduleConfig:
@@ -66,6 +88,13 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
     gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up from 0, per iteration
+
+    def validate(self) -> None:
+        check_choice(self.name, ("step", "cosine"), "recipe.schedule.name")
+        _positive(self.gamma, "recipe.schedule.gamma")
+        _at_least(self.warmup_epochs, 0, "recipe.schedule.warmup_epochs")
+        for index, milestone in enumerate(self.milestones):
+            _at_least(milestone, 1, f"recipe.schedule.milestones[{index}]")
 
 
 @dataclass
@@ -78,22 +107,49 @@ class RecipeConfig:
     # Per-role optimiser overrides, e.g. {teacher: {lr: 0.1}} for SwitOKD.
     roles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "eval_batch_size"):
+            _at_least(getattr(self, key), 1, f"recipe.{key}")
+        self.optimizer.validate()
+        for role in self.roles:
+            self.optimizer_for(role)
+
     def optimizer_for(self, role: str) -> OptimizerConfig:
         overrides = self.roles.get(role, {})
-        return _build(OptimizerConfig, {**dataclasses.asdict(self.optimizer), **overrides},
-                      f"recipe.roles.{role}")
+        optimizer = _build(OptimizerConfig, {**dataclasses.asdict(self.optimizer), **overrides}, f"recipe.roles.{role}")
+        optimizer.validate(f"recipe.roles.{role}" if overrides else "recipe.optimizer")
+        return optimizer
 
 
 @dataclass
 class RuntimeConfig:
+    # The switches also take YAML booleans (true = on / bf16, false = off): `dvc exp run -S` rewrites
+    # params.yaml and an unquoted off becomes false.
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere) | bf16 | off
-    channels_last: str = "auto"  # auto (on for CUDA) | on | off
-    compile: str = "off"  # torch.compile: off | on | auto (on for CUDA)
+    amp: str | bool = "auto"  # auto (bf16 on CUDA, off elsewhere) | bf16 | off
+    channels_last: str | bool = "auto"  # auto (on for CUDA) | on | off
+    compile: str | bool = "off"  # torch.compile: off | on | auto (on for CUDA)
     deterministic: bool = False
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
-    quiet: bool = False  # no progress bars (CI, sweeps)
+    quiet: bool = False  # no progress bar or epoch lines (the bar shows only on a terminal anyway)
     num_workers: int = 4  # DataLoader workers for "files" storage only
+    # DDP (torchrun): BatchNorm statistics over the global batch instead of each rank's shard, and how
+    # long a rank waits for the others (a dead rank must end the job, not hang it).
+    sync_batchnorm: bool = False
+    ddp_timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        _positive(self.ddp_timeout_s, "runtime.ddp_timeout_s")
+        if isinstance(self.amp, bool):
+            self.amp = "bf16" if self.amp else "off"
+        check_choice(self.amp, ("auto", "bf16", "off"), "runtime.amp")
+        for key in ("channels_last", "compile"):
+            value = getattr(self, key)
+            if isinstance(value, bool):
+                setattr(self, key, "on" if value else "off")
+            check_choice(getattr(self, key), ("auto", "on", "off"), f"runtime.{key}")
+        _at_least(self.threads, 0, "runtime.threads")
+        _at_least(self.num_workers, 0, "runtime.num_workers")
 
 
 @dataclass
@@ -129,6 +185,20 @@ class TrackingConfig:
 
 
 @dataclass
+class PipelineConfig:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every method trains once per seed
+    # Which methods `python -m reproduce recipe` runs (empty: the recipe's method and its baselines are
+    # listed by the recipe itself). The DVC pipeline runs every registered method (registry.yaml).
+    methods: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.seeds:
+            raise ConfigError("pipeline.seeds: list at least one seed, e.g. [0, 1, 2]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"pipeline.seeds: {self.seeds} repeats a seed")
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -138,8 +208,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Method coefficients by method name; each method validates its own block (methods/base.py).
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Sections owned by other stages (validated there): the DVC matrix lists, sweeps, analysis.
-    pipeline: dict[str, Any] = field(default_factory=dict)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    # Sections owned by other stages (validated there): sweeps, analysis.
     sweep: dict[str, Any] = field(default_factory=dict)
     analysis: dict[str, Any] = field(default_factory=dict)
 
@@ -211,7 +281,15 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             hint = f" (did you mean {_join(where, close[0])!r}?)" if close else f"; known keys: {', '.join(sorted(known))}"
             raise ConfigError(f"unknown key {_join(where, key)!r}{hint}")
     values = {key: _coerce(hints[key], value, _join(where, key)) for key, value in raw.items()}
-    return cls(**values)
+    built = cls(**values)
+    validate = getattr(built, "validate", None)
+    if validate is not None and cls not in _VALIDATED_BY_CALLER:
+        validate()
+    return built
+
+
+# Validated by RecipeConfig, which knows whether the optimiser is the recipe's or a role's.
+_VALIDATED_BY_CALLER: set[type] = {OptimizerConfig}
 
 
 def build_dataclass(cls: type, raw: dict[str, Any] | None, where: str) -> Any:
@@ -279,6 +357,16 @@ def _is_float(text: str) -> bool:
 
 def _join(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
+
+
+def _positive(value: float, where: str) -> None:
+    if not value > 0:
+        raise ConfigError(f"{where}: must be > 0, got {value}")
+
+
+def _at_least(value: float, low: float, where: str) -> None:
+    if not value >= low:
+        raise ConfigError(f"{where}: must be >= {low}, got {value}")
 
 
 def check_choice(value: str, choices: tuple[str, ...] | list[str], where: str) -> str:

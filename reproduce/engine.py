@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import os
+import pickle
 import platform
 import random
+import sys
 import tarfile
 import time
 from collections import defaultdict
@@ -32,15 +35,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from reproduce import models
-from reproduce.config import Config, ConfigError, OptimizerConfig, RuntimeConfig, ScheduleConfig
+from reproduce.config import Config, ConfigError, OptimizerConfig, RecipeConfig, RuntimeConfig, ScheduleConfig
 from reproduce.data.loader import Batches, make_loaders
 from reproduce.data.prepare import load_prepared
-from reproduce.io import atomic_torch_save
-from reproduce.methods.base import Method, Networks, build_method, get_method
+from reproduce.io import atomic_torch_save, atomic_write_text, write_table
+from reproduce.methods.base import Method, Networks, Step, build_method, get_method
 from reproduce.metrics import classification_metrics
 from reproduce.tracking import Tracker, git_commit
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: loadable with weights_only=True
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
@@ -163,7 +166,8 @@ def make_networks(config: Config, num_classes: int, in_channels: int, device: to
                 f"teacher weights not found at {path}. Offline methods distil from the trained teacher: run "
                 f"`dvc repro train_teacher` or `python -m reproduce train --method vanilla --network teacher "
                 f"--seed {config.teacher.seed}` first.")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_state(path, "teacher checkpoint", "retrain the teacher (`dvc repro train@teacher`) or point "
+                                                       "teacher.runs_root at a good one")
         if saved["models"]["teacher"] != config.models.teacher:
             raise ConfigError(f"{path} holds a {saved['models']['teacher']!r} teacher but models.teacher is "
                               f"{config.models.teacher!r}; retrain the teacher or fix models.teacher")
@@ -226,37 +230,67 @@ def evaluate(method: Method, splits: dict[str, Batches], runtime: Runtime,
 # One epoch of training
 
 
+class DivergedError(RuntimeError):
+    """A loss became NaN or infinite: training stops at once (the last good checkpoint stays)."""
+
+
+def set_learning_rates(optimizers: dict[str, torch.optim.Optimizer], recipe: RecipeConfig, epoch: int,
+                       fraction: float) -> None:
+    for role, optimizer in optimizers.items():
+        lr = learning_rate(recipe.optimizer_for(role).lr, recipe.schedule, recipe.epochs, epoch, fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
+def train_step(method: Method, optimizers: dict[str, torch.optim.Optimizer], x: Tensor, y: Tensor, epoch: int,
+               runtime: Runtime, index: int | None = None) -> Step:
+    """One optimisation step, top to bottom: the method's losses, one backward, the updated roles step.
+
+    Every peer target is detached inside the losses, so the sum of the updated roles' losses has
+    gradients only in their own parameters; a role left out of ``step.update`` gets no gradient, no
+    momentum and no weight decay. ``index`` (the step within the epoch) only names the step in errors."""
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
+                        enabled=runtime.amp_dtype is not None):
+        step = method.step(x, y, epoch)
+    _check_finite(step, method, epoch, index)
+    update = _roles_to_update(step.update, optimizers, runtime)
+    total = sum(sum(step.losses[role].values()) for role in update if role in step.losses)
+    if torch.is_tensor(total):  # zero when no role trains this step
+        total.backward()
+    if runtime.world_size > 1:
+        _average_gradients([optimizers[role] for role in update], runtime.world_size)
+    for role in update:
+        optimizers[role].step()
+    return step
+
+
+def _check_finite(step: Step, method: Method, epoch: int, index: int | None) -> None:
+    terms = [(role, term, value) for role, losses in step.losses.items() for term, value in losses.items()]
+    if not terms:
+        return
+    # One host sync per step: the price of stopping at the step that diverged, before it is applied.
+    if bool(torch.stack([value.detach().float() for _, _, value in terms]).isfinite().all()):
+        return
+    role, term, value = next((r, t, v) for r, t, v in terms if not bool(v.detach().float().isfinite()))
+    where = f"epoch {epoch}" + (f", step {index + 1}" if index is not None else "")
+    raise DivergedError(f"training diverged at {where}: method {method.name}, role {role}, loss term {term!r} is "
+                        f"{float(value)}. Lower the learning rate (recipe.optimizer.lr or recipe.roles.{role}.lr), "
+                        f"or the method's coefficients; the last good checkpoint is kept")
+
+
 def _train_epoch(method: Method, optimizers: dict[str, torch.optim.Optimizer], batches: Batches, epoch: int,
-                 config: Config, runtime: Runtime) -> dict[str, float]:
+                 config: Config, runtime: Runtime, progress: "tqdm | None" = None) -> dict[str, float]:
     method.train()
-    recipe = config.recipe
-    base_lrs = {role: recipe.optimizer_for(role).lr for role in optimizers}
     sums: dict[str, Tensor | float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     steps = len(batches)
     images = 0
-    progress = tqdm(batches.epoch(epoch), total=steps, desc=f"epoch {epoch}/{recipe.epochs}", leave=False,
-                    disable=config.runtime.quiet or not runtime.is_main, dynamic_ncols=True)
     started = time.perf_counter()
-    for index, (x, y) in enumerate(progress):
-        for role, optimizer in optimizers.items():
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(base_lrs[role], recipe.schedule, recipe.epochs, epoch, index / steps)
-            optimizer.zero_grad(set_to_none=True)
-
-        with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
-                            enabled=runtime.amp_dtype is not None):
-            step = method.step(x, y, epoch)
-
-        update = _roles_to_update(step.update, optimizers, runtime)
-        total = sum(sum(step.losses[role].values()) for role in update if role in step.losses)
-        if torch.is_tensor(total):  # zero when no role trains this step
-            total.backward()
-        if runtime.world_size > 1:
-            _average_gradients([optimizers[role] for role in update], runtime.world_size)
-        for role in update:
-            optimizers[role].step()
-
+    for index, (x, y) in enumerate(batches.epoch(epoch)):
+        set_learning_rates(optimizers, config.recipe, epoch, index / steps)
+        step = train_step(method, optimizers, x, y, epoch, runtime, index)
         # Accumulate on the device; converting to Python floats every step would sync a GPU.
         for role, terms in step.losses.items():
             for term, value in terms.items():
@@ -265,11 +299,13 @@ def _train_epoch(method: Method, optimizers: dict[str, torch.optim.Optimizer], b
         for signal, value in step.signals.items():
             _accumulate(sums, counts, f"signal/{signal}", value)
         images += len(y)
-        if index % 20 == 0 and progress.disable is False:
-            elapsed = time.perf_counter() - started
-            progress.set_postfix({"img/s": f"{images / max(elapsed, 1e-9):.0f}",
-                                  **{k.split('/', 1)[1]: f"{float(sums[k]) / counts[k]:.3f}"
-                                     for k in sums if k.endswith("/loss")}})
+        if progress is not None:
+            progress.update(1)
+            if index % 10 == 0 or index == steps - 1:
+                elapsed = time.perf_counter() - started
+                progress.set_postfix({"img/s": f"{images * runtime.world_size / max(elapsed, 1e-9):.0f}",
+                                      **{k.split("/")[1]: f"{float(sums[k]) / counts[k]:.3f}"
+                                         for k in sums if k.endswith("/loss")}}, refresh=False)
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)  # the kernels queued above are the epoch's real cost
     seconds = time.perf_counter() - started
@@ -312,13 +348,20 @@ def _accumulate(sums: dict[str, Any], counts: dict[str, int], key: str, value: T
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state in types that ``torch.load(weights_only=True)`` accepts."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -333,6 +376,24 @@ def _resume_key(config: Config, spec: RunSpec) -> dict[str, Any]:
     return {"method": spec.method, "seed": spec.seed, "config": resolved}
 
 
+def load_state(path: Path, what: str, fix: str) -> Any:
+    """``torch.load`` of a file someone may have handed us: tensors and plain containers only, never
+    code (a crafted pickle is refused), and a clear error naming the file and the fix."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: refused to load this {what}: it holds more than tensors and plain values "
+                              f"({str(error).splitlines()[0]}). Files from others are never unpickled as code; "
+                              f"{fix}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: this {what} is corrupt or truncated ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else 'no detail'}); {fix}") from None
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint or predictions file that cannot be read safely."""
+
+
 def load_checkpoint(spec: RunSpec, config: Config, mode: str) -> dict[str, Any] | None:
     """``mode``: "auto" resumes a checkpoint written by the same config and starts fresh otherwise;
     "always" requires one; "never" ignores it."""
@@ -341,8 +402,8 @@ def load_checkpoint(spec: RunSpec, config: Config, mode: str) -> dict[str, Any] 
         if mode == "always":
             raise FileNotFoundError(f"--resume always: no checkpoint at {path}")
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != _resume_key(config, spec):
+    state = load_state(path, "checkpoint", "delete it or rerun with --resume never to start this run over")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("key") != _resume_key(config, spec):
         if mode == "always":
             raise ConfigError(f"{path} was written by a different configuration; rerun with --resume never "
                               f"(or --resume auto) to start over")
@@ -356,12 +417,14 @@ def load_checkpoint(spec: RunSpec, config: Config, mode: str) -> dict[str, Any] 
 
 
 def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epoch: int | None = None,
-          on_epoch_end: EpochCallback | None = None, track: bool = True) -> dict[str, Any]:
+          on_epoch_end: EpochCallback | None = None, track: bool = True, parent: Tracker | None = None) -> dict[str, Any]:
     """Train ``spec.method`` with ``spec.seed``; returns the summary written to metrics.json.
 
-    ``on_epoch_end(epoch, row)`` sees every epoch's numbers (Optuna reports and prunes from it; an
-    exception it raises ends the run, marked failed in the trackers). ``stop_after_epoch`` ends the
-    process after that epoch as a pre-emptible job would; the next call resumes from the checkpoint.
+    ``on_epoch_end(epoch, row)`` sees every epoch's numbers (Optuna reports and prunes from it); an
+    exception it raises ends the run, recorded by the trackers with the exception's
+    ``tracking_status`` ("pruned") or as failed. ``stop_after_epoch`` ends the run after that epoch
+    as a pre-emptible job would; the next call resumes from the checkpoint. ``parent``: a tracked run
+    this one nests under (a sweep's study).
     """
     runtime = resolve_runtime(config.runtime)
     if config.runtime.threads > 0:
@@ -375,6 +438,10 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
         prepared, config.dataset, batch_size=config.recipe.batch_size, eval_batch_size=config.recipe.eval_batch_size,
         device=runtime.device, seed=spec.seed, channels_last=runtime.channels_last,
         num_workers=config.runtime.num_workers, rank=runtime.rank, world_size=runtime.world_size)
+    # The papers' protocol trains on the whole training set and picks the best epoch on test; with a
+    # validation split the best epoch is picked there. The two are reported under different names.
+    selection = "val" if "val" in eval_batches else "test"
+    best_key = BEST_KEYS[selection]
 
     method = build_method(config, spec.method, make_networks(config, prepared.num_classes, prepared.in_channels,
                                                              runtime.device))
@@ -389,6 +456,10 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
     best: dict[str, Any] = {"epoch": 0, "score": -math.inf}
     start_epoch, tracker_key = 1, None
     if state is not None:
+        if state["epoch"] >= config.recipe.epochs and (spec.run_dir / "metrics.json").is_file():
+            print(f"[reproduce] {spec.run_dir}: already done ({state['epoch']} epochs, same configuration); "
+                  f"--resume never trains it again", flush=True)
+            return json.loads((spec.run_dir / "metrics.json").read_text())
         method.load_state_dict(state["method"])
         for role, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][role])
@@ -400,19 +471,23 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
             network.compile()
 
     tags = {"method": spec.method, "seed": str(spec.seed), "dataset": config.dataset.name,
-            "teacher": config.models.teacher, "student": config.models.student}
+            "teacher": config.models.teacher, "student": config.models.student, "selection": selection}
     tracker = Tracker(config.tracking, run_dir=spec.run_dir, run_name=spec.name, tags=tags,
-                      params={**config.to_dict(), "run": {**tags, **git_commit()}}, history=history,
-                      resume_key=tracker_key, services=track and runtime.is_main)
-    primary_score = f"val/{method.primary}/top1"
+                      params={**config.to_dict(), "run": {**tags, **git_commit()}}, resume_key=tracker_key,
+                      enabled=track and runtime.is_main, parent=parent)
+    if history and runtime.is_main:  # resumed: DVC may have deleted the interrupted run's outputs
+        write_table(spec.run_dir / "history.tsv", history)
+    primary_score = f"{selection}/{method.primary}/top1"
+    bar = _epoch_bar(config, runtime, spec, start_epoch, len(train_batches))
 
     fixed_logits: dict[str, dict[str, Tensor]] = {}
     try:
         for epoch in range(start_epoch, config.recipe.epochs + 1):
             row: dict[str, float] = {"epoch": epoch}
-            row.update(_train_epoch(method, optimizers, train_batches, epoch, config, runtime))
+            row.update(_train_epoch(method, optimizers, train_batches, epoch, config, runtime, bar))
             metrics, logits, labels = evaluate(method, eval_batches, runtime, fixed_logits)
             row.update(metrics)
+            history.append(row)
             if row[primary_score] > best["score"]:
                 best = {"epoch": epoch, "score": row[primary_score]}
                 if runtime.is_main:
@@ -421,52 +496,62 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
                                       spec.checkpoint_dir / "best_predictions.pt")
             tracker.log_epoch(row)
             if runtime.is_main:
+                write_table(spec.run_dir / "history.tsv", history)
                 atomic_torch_save({"format": CHECKPOINT_FORMAT, "key": _resume_key(config, spec), "epoch": epoch,
                                    "method": method.state_dict(),
                                    "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
-                                   "rng": _rng_state(), "history": tracker.history, "best": best,
+                                   "rng": _rng_state(), "history": history, "best": best,
                                    "tracker_key": tracker.key}, spec.checkpoint_dir / "last.pt")
-            if not config.runtime.quiet and runtime.is_main:
-                print(_epoch_line(row, method.eval_networks()), flush=True)
+                _report_epoch(bar, row, method, config)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
             if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < config.recipe.epochs:
                 tracker.suspend()
                 return {"stopped_after_epoch": epoch}
-        if not tracker.history:
+        if not history:
             raise ConfigError("recipe.epochs must be at least 1")
-        summary = _finish(method, config, spec, tracker, eval_batches, runtime, best)
-    except BaseException:
-        tracker.finish({}, failed=True)
+        summary = _finish(method, config, spec, tracker, eval_batches, runtime, history, best, best_key)
+    except BaseException as error:
+        tracker.finish({}, status=getattr(error, "tracking_status", "failed"))
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     return summary
 
 
+BEST_KEYS = {"val": "best", "test": "best_test_selected"}  # metrics.json's name for the best epoch, by selection
+
+
+def _epoch_bar(config: Config, runtime: Runtime, spec: RunSpec, start_epoch: int, steps: int) -> "tqdm | None":
+    """A bar over the run's steps (epoch k/N, losses, img/s, ETA) when a person watches a terminal."""
+    if config.runtime.quiet or not runtime.is_main or not sys.stderr.isatty():
+        return None
+    epochs = config.recipe.epochs
+    return tqdm(total=epochs * steps, initial=(start_epoch - 1) * steps, desc=f"{spec.name} epoch {start_epoch}/{epochs}",
+                unit="step", dynamic_ncols=True, leave=True)
+
+
+def _report_epoch(bar: "tqdm | None", row: dict[str, float], method: Method, config: Config) -> None:
+    if bar is not None:
+        bar.set_description(f"{bar.desc.rsplit(' epoch ', 1)[0]} epoch {min(int(row['epoch']) + 1, config.recipe.epochs)}"
+                            f"/{config.recipe.epochs}", refresh=False)
+        bar.write(_epoch_line(row, method.eval_networks()))
+    elif not config.runtime.quiet:
+        print(_epoch_line(row, method.eval_networks()), flush=True)
+
+
 def _finish(method: Method, config: Config, spec: RunSpec, tracker: Tracker, eval_batches: dict[str, Batches],
-            runtime: Runtime, best: dict[str, Any]) -> dict[str, Any]:
+            runtime: Runtime, history: list[dict[str, float]], best: dict[str, Any], best_key: str) -> dict[str, Any]:
     """Write the run's outputs: weights (last and best), logits, method artefacts, metrics.json."""
-    history = tracker.history
     last_row = history[-1]
     best_row = next(row for row in history if row["epoch"] == best["epoch"])
-    if runtime.is_main:
-        # Last-epoch logits are recomputed here so a run resumed after its final epoch still has them.
-        _, last_logits, labels = evaluate(method, eval_batches, runtime)
-        best_predictions = torch.load(spec.checkpoint_dir / "best_predictions.pt", weights_only=False)
-        atomic_torch_save({"labels": labels, "last": last_logits, "best": best_predictions["logits"],
-                           "best_epoch": best["epoch"], "last_epoch": last_row["epoch"]},
-                          spec.run_dir / "predictions.pt")
-        _save_networks(method, config, spec.run_dir / "final.pt", int(last_row["epoch"]))
-        (spec.run_dir / "best.pt").write_bytes((spec.checkpoint_dir / "best.pt").read_bytes())
-        _save_code(spec.run_dir / "code.tar.gz")
-        for name, path in method.end_of_training(spec.run_dir).items():
-            tracker.log_image(name, path)
-        tracker.log_artifact(spec.run_dir / "final.pt")
     summary = {
         "method": spec.method, "seed": spec.seed, "dataset": config.dataset.name,
         "teacher": config.models.teacher, "student": config.models.student,
         "primary": method.primary, "networks": sorted(method.eval_networks()),
-        "epochs": int(last_row["epoch"]),
-        "best": _nest({"epoch": best_row["epoch"], **_evaluation_part(best_row)}),
+        "epochs": int(last_row["epoch"]), "selection": "val" if best_key == "best" else "test",
+        best_key: _nest({"epoch": best_row["epoch"], **_evaluation_part(best_row)}),
         "last": _nest({"epoch": last_row["epoch"], **_evaluation_part(last_row)}),
         "signals": {k.split("/", 1)[1]: v for k, v in last_row.items() if k.startswith("signal/")},
         "time": {"train_s": sum(row["time/train_s"] for row in history),
@@ -474,6 +559,21 @@ def _finish(method: Method, config: Config, spec: RunSpec, tracker: Tracker, eva
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": str(runtime.device), **git_commit()},
     }
+    if runtime.is_main:
+        # Last-epoch logits are recomputed here so a run resumed after its final epoch still has them.
+        _, last_logits, labels = evaluate(method, eval_batches, runtime)
+        best_predictions = load_state(spec.checkpoint_dir / "best_predictions.pt", "predictions file",
+                                      "rerun with --resume never")
+        atomic_torch_save({"labels": labels, "last": last_logits, "best": best_predictions["logits"],
+                           "best_epoch": best["epoch"], "last_epoch": last_row["epoch"],
+                           "selection": summary["selection"]}, spec.run_dir / "predictions.pt")
+        _save_networks(method, config, spec.run_dir / "final.pt", int(last_row["epoch"]))
+        (spec.run_dir / "best.pt").write_bytes((spec.checkpoint_dir / "best.pt").read_bytes())
+        _save_code(spec.run_dir / "code.tar.gz")
+        for name, path in method.end_of_training(spec.run_dir).items():
+            tracker.log_image(name, path)
+        tracker.log_artifact(spec.run_dir / "final.pt")
+        atomic_write_text(spec.run_dir / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     tracker.finish(summary)
     return summary
 

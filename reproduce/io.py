@@ -37,3 +37,21 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
     with atomic_path(path) as temporary:
         torch.save(obj, temporary)
+
+
+def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as a TSV (a column per key, in order of first appearance; blank where a row lacks it):
+    a run's ``history.tsv`` holds every number of every epoch."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    lines = ["\t".join(columns)] + ["\t".join(_cell(row.get(column)) for column in columns) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

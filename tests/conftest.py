@@ -67,7 +67,7 @@ def teacher_runs_root(prepared_root: Path, tmp_path_factory: pytest.TempPathFact
     from reproduce.engine import RunSpec, train
 
     tmp = tmp_path_factory.mktemp("teacher")
-    config = tiny_config(prepared_root, tmp, recipe={"epochs": 3}, methods={"vanilla": {"network": "teacher"}})
+    config = tiny_config(prepared_root, tmp, recipe={"epochs": 3})
     root = tmp / "teacher-runs"
-    train(config, RunSpec("vanilla", 0, root / "seed0", tmp / "checkpoints"), track=False)
+    train(config, RunSpec("teacher", 0, root / "seed0", tmp / "checkpoints"), track=False)
     return root

@@ -1,8 +1,10 @@
-"""End to end: a real, tiny `dvc repro` of the embedded pipeline in a copy of the project.
+"""End to end: a real, tiny `dvc repro` of the embedded pipeline in a git copy of the project, with a
+throw-away method added as one new file and nothing else.
 
-Marked slow (a few minutes on 2 cores); CI runs it. It checks what a user relies on: every stage
-runs, metrics reach `dvc metrics show`, a second `dvc repro` does nothing, and changing one method's
-coefficient invalidates only that method's stages."""
+Marked slow (a few minutes on 2 cores); CI runs it. It checks what a user relies on: every registered
+method (the new one included) is trained, swept and reported; metrics reach `dvc metrics show`; a
+second `dvc repro` does nothing; changing one method's coefficient invalidates only that method's
+stages; `dvc exp run -S` works and `dvc exp show` lists both experiments' numbers."""
 
 from __future__ import annotations
 
@@ -17,8 +19,35 @@ import pytest
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
-COPIED = ["reproduce", "sweeps", "analysis", "configs", "params.yaml", "dvc.yaml", ".dvc/config", ".dvc/.gitignore",
-          ".dvcignore", ".gitignore"]
+COPIED = ["reproduce", "sweeps", "analysis", "configs", "params.yaml", "dvc.yaml", "registry.yaml", ".dvc/config",
+          ".dvc/.gitignore", ".dvcignore", ".gitignore"]
+THROWAWAY = '''"""A throw-away method for the pipeline test: KD at its own temperature."""
+from dataclasses import dataclass
+
+import torch
+
+from reproduce.losses import cross_entropy, kd_loss
+from reproduce.methods.base import Step, TeacherStudentMethod, register
+
+
+@register
+class ThrowAway(TeacherStudentMethod):
+    name = "zz_throwaway"
+    display_name = "Throw-away KD"
+    row_order = 99
+    search_space = {"temperature": {"type": "float", "low": 1, "high": 4}}
+
+    @dataclass
+    class Params:
+        temperature: float = 3.0
+
+    def step(self, x, y, epoch):
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        student_logits = self.student(x)
+        return Step(losses={"student": {"ce": cross_entropy(student_logits, y),
+                                        "kd": kd_loss(student_logits, teacher_logits, self.params.temperature)}})
+'''
 
 pytestmark = pytest.mark.slow
 
@@ -29,26 +58,27 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
     return result.stdout
 
 
+def _dvc(root: Path, env: dict[str, str], *args: str) -> str:
+    return _run([sys.executable, "-m", "dvc", *args], root, env)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("project")
     for name in COPIED:
-        source = PROJECT / name
-        target = root / name
+        source, target = PROJECT / name, root / name
         if source.is_dir():
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "results", "studies"))
         elif source.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    (root / "reproduce" / "methods" / "zz_throwaway.py").write_text(THROWAWAY)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["models"] = {"teacher": "resnet14", "student": "resnet8"}
-    params["recipe"]["epochs"] = 2
-    params["pipeline"]["seeds"] = [0, 1]
+    params["models"] = {"teacher": "resnet8", "student": "resnet8"}
+    params["recipe"]["epochs"] = 1
+    params["pipeline"]["seeds"] = [0]
     params["runtime"]["threads"] = 2
-    if "sweep" in params:
-        params["sweep"]["methods"] = ["kd"]
-        params["sweep"]["n_trials"] = 2
-        params["sweep"]["epochs_per_trial"] = 1
+    params["sweep"].update({"n_trials": 1, "epochs_per_trial": 1})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_SITE_CACHE_DIR": str(root / ".dvc" / "site-cache"), "DVC_NO_ANALYTICS": "1",
@@ -56,40 +86,63 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
            # As the Makefile sets them: wandb must still write its runs into wandb/.
            **{f"WANDB_{kind.upper()}_DIR": str(root / ".wandb-state" / kind) for kind in ("cache", "data", "config")}}
     env.pop("MLFLOW_TRACKING_URI", None)  # the project's own sqlite:///mlflow.db
-    _run(["git", "init", "-q"], root, env)
-    _run([sys.executable, "-m", "dvc", "repro"], root, env)
+    # What `make repro` does: sync with the registry (it finds the new file), then `dvc repro`.
+    _run([sys.executable, "-m", "reproduce", "pipeline"], root, env)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"]):
+        _run(command, root, env)
+    _dvc(root, env, "repro")
     return root, env
 
 
-def test_dvc_repro_trains_every_method_and_reports(project: tuple[Path, dict[str, str]]) -> None:
+def test_dvc_repro_trains_sweeps_and_reports_every_method_including_a_new_file(project) -> None:
+    from reproduce.methods.base import registered
+
     root, env = project
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    methods = params["pipeline"]["standalone"] + params["pipeline"]["distill"]
-    for label in ["teacher", *methods]:
-        for seed in params["pipeline"]["seeds"]:
-            summary = json.loads((root / "runs" / label / f"seed{seed}" / "metrics.json").read_text())
-            assert summary["epochs"] == 2 and summary["last"]["test"][summary["primary"]]["top1"] > 10
-    shown = json.loads(_run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], root, env))
-    text = json.dumps(shown)
-    assert "runs/kd/seed1/metrics.json" in text and "runs/switokd/seed0/metrics.json" in text
-    training_runs = len(params["pipeline"]["seeds"]) * (1 + len(methods))
+    names = [cls.name for cls in registered()] + ["zz_throwaway"]
+    assert "zz_throwaway" in (root / "params.yaml").read_text()  # the sync gave it a params entry
+    for name in names:
+        summary = json.loads((root / "runs" / name / "seed0" / "metrics.json").read_text())
+        assert summary["epochs"] == 1 and summary["last"]["test"][summary["primary"]]["top1"] > 10
+    swept = [cls.name for cls in registered() if cls.search_space] + ["zz_throwaway"]
+    for name in swept:
+        assert (root / "sweeps" / "results" / name / "best_params.yaml").exists(), name
+    assert "Throw-away KD" in (root / "reports" / "index.html").read_text()
+    shown = json.dumps(json.loads(_dvc(root, env, "metrics", "show", "--json")))
+    assert "dvclive/zz_throwaway/metrics.json" in shown and "dvclive/switokd/metrics.json" in shown
     assert (root / "mlflow.db").exists()
-    assert len(list((root / "wandb").glob("offline-run-*"))) >= training_runs
-    if (root / "reports").exists():
-        assert (root / "reports" / "index.html").exists()
+    assert len(list((root / "wandb").glob("offline-run-*"))) >= len(names)
 
 
-def test_second_repro_does_nothing_and_a_coefficient_reruns_only_its_method(project: tuple[Path, dict[str, str]]) -> None:
+def test_second_repro_does_nothing_and_a_coefficient_reruns_only_its_method(project) -> None:
     root, env = project
-    assert json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], root, env)) == {}
-    out = _run([sys.executable, "-m", "dvc", "repro"], root, env)
-    assert "up to date" in out.lower() and "Running stage" not in out
+    assert json.loads(_dvc(root, env, "status", "--json")) == {}
+    out = _dvc(root, env, "repro")
+    assert "Running stage" not in out
 
     params_path = root / "params.yaml"
-    params = yaml.safe_load(params_path.read_text())
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
     params["methods"]["kd"]["temperature"] = 2.0
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = set(json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], root, env)))
-    training = {stage for stage in changed if stage.startswith(("train", "distill"))}
-    assert training == {f"distill@kd-{seed}" for seed in params["pipeline"]["seeds"]}
-    assert not any(stage.startswith("sweep@") and stage != "sweep@kd" for stage in changed)
+    changed = set(json.loads(_dvc(root, env, "status", "--json")))
+    params_path.write_text(original)
+    assert {stage for stage in changed if stage.startswith(("train", "distill", "sweep"))} == {"distill@kd", "sweep@kd"}
+
+
+def test_dvc_exp_run_set_param_and_exp_show_lists_both_experiments(project) -> None:
+    root, env = project
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "after repro"], root, env)
+    # The README's example; `dvc exp run -S` rewrites params.yaml, so YAML booleans must be accepted.
+    _dvc(root, env, "exp", "run", "-n", "kd-t2", "-S", "methods.kd.temperature=2", "-S", "runtime.compile=off")
+    table = json.loads(_dvc(root, env, "exp", "show", "--json"))
+    rows = [row for baseline in table for row in [baseline, *[exp for exp in baseline.get("experiments") or []
+                                                              for exp in [exp["revs"][0]]]]]
+    numbers = {}
+    for row in rows:
+        data = (row.get("data") or {})
+        metrics = data.get("metrics", {}).get("dvclive/kd/metrics.json", {}).get("data", {})
+        if metrics:
+            numbers[row.get("name") or row.get("rev")] = metrics["student"]["test_top1_best"]["mean"]
+    assert len(numbers) >= 2 and "kd-t2" in numbers, table

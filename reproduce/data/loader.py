@@ -32,12 +32,26 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return generator
 
 
-def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """Zero-pad each image by ``padding`` and crop back to its size at a random offset, batched."""
+# Per-channel statistics the official codes hard-code (SOKD's loader normalises CIFAR-100 with CIFAR-10's).
+NORMALISATION_STATS: dict[str, tuple[list[float], list[float]]] = {
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
+    "cifar100": ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]),
+    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+NORMALISATIONS = ("dataset", *NORMALISATION_STATS)  # dataset: the prepared training split's own statistics
+PADDING_MODES = ("zeros", "reflect")
+
+
+def random_crop(images: Tensor, padding: int, generator: torch.Generator, mode: str = "zeros") -> Tensor:
+    """Pad each image by ``padding`` (zeros, or reflect as SOKD's loader does) and crop back to its size
+    at a random offset, batched."""
     if padding <= 0:
         return images
     batch, channels, height, width = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))
+    if mode == "reflect":  # F.pad's reflect needs floats; uint8 values survive the round trip exactly
+        padded = F.pad(images.float(), (padding,) * 4, mode="reflect").to(images.dtype)
+    else:
+        padded = F.pad(images, (padding, padding, padding, padding))
     device = images.device
     top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
     left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
@@ -98,7 +112,7 @@ class DeviceLoader:
             index = order[start:start + self.batch_size]
             images = self.images[index]
             if self.augment is not None:
-                images = random_crop(images, self.augment.crop_padding, generator)
+                images = random_crop(images, self.augment.crop_padding, generator, self.augment.padding_mode)
                 if self.augment.flip:
                     images = random_flip(images, generator)
             yield self.normalise(images), self.labels[index]
@@ -107,8 +121,10 @@ class DeviceLoader:
 def make_loaders(prepared: Prepared, dataset: DatasetConfig, *, batch_size: int, eval_batch_size: int,
                  device: torch.device, seed: int, channels_last: bool, num_workers: int,
                  rank: int = 0, world_size: int = 1) -> tuple[Batches, dict[str, Batches]]:
-    """The training batches and the evaluation batches by split name ("val", "test")."""
-    mean, std = prepared.manifest["mean"], prepared.manifest["std"]
+    """The training batches and the evaluation batches by split name: "val" (absent when the prepared
+    data has no validation split, ``dataset.val_fraction: 0``) and "test"."""
+    mean, std = NORMALISATION_STATS.get(dataset.normalization, (prepared.manifest["mean"], prepared.manifest["std"]))
+    evaluated = [(name, split) for name, split in (("val", prepared.val), ("test", prepared.test)) if len(split.labels)]
     if prepared.storage == "files":
         from reproduce.data.streaming import StreamingLoader
 
@@ -118,10 +134,10 @@ def make_loaders(prepared: Prepared, dataset: DatasetConfig, *, batch_size: int,
                                    rank=rank if train else 0, world_size=world_size if train else 1)
 
         return (stream(prepared.train, True, batch_size),
-                {"val": stream(prepared.val, False, eval_batch_size), "test": stream(prepared.test, False, eval_batch_size)})
+                {name: stream(split, False, eval_batch_size) for name, split in evaluated})
     normalise = Normalise(mean, std, device, channels_last)
     train = DeviceLoader(prepared.train, batch_size=batch_size, normalise=normalise, device=device, seed=seed,
                          train=True, augment=dataset.augment, rank=rank, world_size=world_size)
     evaluation = {name: DeviceLoader(split, batch_size=eval_batch_size, normalise=normalise, device=device)
-                  for name, split in (("val", prepared.val), ("test", prepared.test))}
+                  for name, split in evaluated}
     return train, evaluation

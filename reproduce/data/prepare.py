@@ -95,7 +95,7 @@ def prepare(name: str, raw_root: Path, out_root: Path, *, val_fraction: float, s
     _check_val_fraction(val_fraction)
     raw = read_source(name, Path(raw_root), download=download, verify_md5=verify_md5, progress=progress)
     kept, held_out = stratified_split(raw.train_labels, val_fraction, split_seed)
-    if len(held_out) == 0:
+    if val_fraction > 0 and len(held_out) == 0:
         raise ValueError(f"dataset.val_fraction={val_fraction} leaves no validation images for {name} "
                          f"(each class holds out round(val_fraction * its size)); raise it.")
 
@@ -122,9 +122,9 @@ def prepare(name: str, raw_root: Path, out_root: Path, *, val_fraction: float, s
 
 
 def _check_val_fraction(val_fraction: float) -> None:
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, Real) or not 0 < val_fraction < 1:
-        raise ValueError(f"dataset.val_fraction must be a number in (0, 1), the share of the official training "
-                         f"set held out for validation; got {val_fraction!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, Real) or not 0 <= val_fraction < 1:
+        raise ValueError(f"dataset.val_fraction must be a number in [0, 1), the share of the official training "
+                         f"set held out for validation (0: none, the papers' protocol); got {val_fraction!r}")
 
 
 @contextmanager

@@ -12,7 +12,9 @@ in role ``r``'s parameters, so one backward of the sum is exact, and a role left
 
 Adding a method is one file in this package: a ``Method`` subclass decorated with ``@register``,
 with its coefficients as a ``Params`` dataclass whose defaults are the paper's (params.yaml
-``methods.<name>`` overrides them).
+``methods.<name>`` overrides them), its display name, its table row and its Optuna search space.
+Everything else (the DVC stages, the sweeps, the tables) is derived from the registry:
+``python -m reproduce pipeline`` writes the lists DVC reads (registry.yaml).
 """
 
 from __future__ import annotations
@@ -65,10 +67,15 @@ class Networks:
 
 
 class Method(nn.Module, abc.ABC):
-    name: ClassVar[str]
+    name: ClassVar[str]  # registry key and run label: runs/<name>/seed<k>/
+    display_name: ClassVar[str]  # in tables, figures and the report
     online: ClassVar[bool]  # True: every network trains from scratch together
-    uses_pretrained_teacher: ClassVar[bool] = False  # True: needs the train_teacher stage's weights
-    primary: ClassVar[str] = "student"  # the evaluated network whose validation top-1 picks the best epoch
+    uses_pretrained_teacher: ClassVar[bool] = False  # True: distils from the `teacher` method's trained weights
+    primary: ClassVar[str] = "student"  # the evaluated network whose top-1 picks the best epoch
+    row_order: ClassVar[int] = 100  # position in tables (teacher 0, vanilla 1, baselines, then the papers)
+    # The Optuna space over the Params fields (sweeps/space.py's format); {} = nothing to tune, no sweep.
+    # params.yaml sweep.spaces.<name> replaces it when given.
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @dataclass
     class Params:
@@ -110,15 +117,29 @@ class Method(nn.Module, abc.ABC):
 
     @classmethod
     def parse_params(cls, raw: dict[str, Any] | None) -> Any:
+        """The method's coefficients with ``raw`` (params.yaml ``methods.<name>``) over the defaults,
+        validated: the method's own ``validate``, plus ranges every method shares by name (a temperature
+        is positive, a loss weight is not negative)."""
         params = build_dataclass(cls.Params, raw or {}, f"methods.{cls.name}")
-        check = getattr(params, "validate", None)
-        if check is not None:
-            check()
+        for key, value in dataclasses.asdict(params).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if key == "temperature" and not value > 0:
+                raise ConfigError(f"methods.{cls.name}.temperature: must be > 0, got {value}")
+            if key.endswith("_weight") and not value >= 0:
+                raise ConfigError(f"methods.{cls.name}.{key}: a loss weight must be >= 0, got {value}")
         return params
 
     @classmethod
     def default_params(cls) -> dict[str, Any]:
         return dataclasses.asdict(cls.Params())
+
+
+def registered() -> list[type[Method]]:
+    """Every registered method in table order."""
+    import reproduce.methods  # noqa: F401  (importing the package registers every method)
+
+    return sorted(METHODS.values(), key=lambda cls: (cls.row_order, cls.name))
 
 
 class TeacherStudentMethod(Method):

@@ -1,0 +1,158 @@
+"""The pipeline is derived from the method registry, and DVC's deps are complete by construction.
+
+- registry.yaml and params.yaml agree with the registry (`python -m reproduce pipeline --check`), so
+  every registered method appears in the training stages, the sweeps (if it has a search space) and
+  the analysis' inputs.
+- Every project module that a stage's command imports (followed statically through every import,
+  including the ones inside functions) is covered by that stage's deps, so editing any of them
+  reruns the stage: DVC never serves stale results.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reproduce.methods.base import registered
+from reproduce.pipeline import method_lists, sync
+
+PROJECT = Path(__file__).resolve().parent.parent
+PACKAGES = ("reproduce", "sweeps", "analysis")
+
+
+def test_committed_registry_and_params_agree_with_the_registry() -> None:
+    result = subprocess.run([sys.executable, "-m", "reproduce", "pipeline", "--check"], cwd=PROJECT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_registered_method_is_trained_swept_and_analysed() -> None:
+    lists = yaml.safe_load((PROJECT / "registry.yaml").read_text())["registry"]
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    for cls in registered():
+        assert cls.name in lists["standalone"] + lists["distill"], cls.name
+        assert (cls.name in lists["distill"]) == cls.uses_pretrained_teacher
+        assert (cls.name in lists["sweep"]) == bool(cls.search_space), cls.name
+        assert f"runs/{cls.name}" in lists["analysis_deps"]
+        assert cls.name in params["methods"], f"params.yaml lacks methods.{cls.name} (DVC tracks it per stage)"
+        assert cls.display_name and isinstance(cls.row_order, int)
+    assert "teacher" in lists["standalone"]
+
+
+def test_sync_adds_a_new_method_to_params_without_touching_the_rest(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    original = (PROJECT / "params.yaml").read_text()
+    params.write_text(original.replace("  kd: {}\n", ""))
+    changed = sync(params, tmp_path / "registry.yaml")
+    text = params.read_text()
+    assert any("kd" in item for item in changed)
+    assert yaml.safe_load(text)["methods"]["kd"] == {}
+    assert yaml.safe_load(text) == yaml.safe_load(original) and "# Per-method overrides" in text
+    assert sync(params, tmp_path / "registry.yaml") == []  # a second sync changes nothing
+
+
+def test_pipeline_check_fails_when_the_registry_file_is_stale(tmp_path: Path) -> None:
+    for name in ("params.yaml", "registry.yaml"):
+        shutil.copy2(PROJECT / name, tmp_path / name)
+    lists = method_lists()
+    lists["registry"]["standalone"].remove("vanilla")
+    (tmp_path / "registry.yaml").write_text(yaml.safe_dump(lists))
+    result = subprocess.run([sys.executable, "-m", "reproduce", "pipeline", "--check"], cwd=tmp_path,
+                            capture_output=True, text=True, env={"PYTHONPATH": str(PROJECT), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1 and "registry.yaml" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Deps completeness
+
+
+def module_file(name: str) -> Path | None:
+    """The project file of module ``name`` (a package's __init__.py), or None outside the project."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = PROJECT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_files(start: list[Path]) -> set[Path]:
+    """Every project file reachable from ``start`` through import statements anywhere in the code
+    (function-level imports included: most of this project imports lazily). A package's __init__.py
+    counts for each of its submodules. Imports done by name at run time (the method registry's
+    pkgutil loop) are not followed: the stage names its own method file."""
+    seen: set[Path] = set()
+    todo = list(start)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert not node.level, f"{path}: relative import; the project imports absolutely"
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for name in names:
+                parts = name.split(".")
+                for depth in range(1, len(parts) + 1):
+                    found = module_file(".".join(parts[:depth]))
+                    if found is not None:
+                        todo.append(found)
+    return seen
+
+
+def stage_entry_points(cmd: str) -> list[Path]:
+    words = cmd.split()
+    assert words[:2] == ["python", "-m"], f"stage command {cmd!r}: expected `python -m <package> ...`"
+    entry = [PROJECT / words[2] / "__main__.py"]
+    if "--method" in words:
+        entry.append(PROJECT / "reproduce" / "methods" / f"{words[words.index('--method') + 1]}.py")
+    return entry
+
+
+def uncovered(cmd: str, deps: list[str]) -> list[str]:
+    files = imported_files(stage_entry_points(cmd))
+    roots = [PROJECT / dep for dep in deps]
+    return sorted(str(f.relative_to(PROJECT)) for f in files if not any(f == r or r in f.parents for r in roots))
+
+
+def resolved_stages() -> dict[str, dict]:
+    """dvc.yaml's stages as DVC resolves them (foreach expanded), with their command and deps."""
+    from dvc.repo import Repo
+
+    with Repo(str(PROJECT)) as repo:
+        return {stage.addressing: {"cmd": stage.cmd, "deps": [dep.def_path for dep in stage.deps]}
+                for stage in repo.index.stages if stage.cmd}
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict[str, dict]:
+    return resolved_stages()
+
+
+def test_every_stage_depends_on_every_project_module_its_command_imports(stages: dict[str, dict]) -> None:
+    assert {"prepare", "analysis", "train@teacher", "distill@r2kd", "sweep@kd"} <= set(stages)
+    problems = {name: missing for name, stage in stages.items() if (missing := uncovered(stage["cmd"], stage["deps"]))}
+    assert not problems, f"stages miss deps on modules they import: {problems}"
+
+
+def test_the_deps_check_catches_a_missing_module(stages: dict[str, dict]) -> None:
+    stage = copy.deepcopy(stages["distill@r2kd"])
+    assert "reproduce/data/augment.py" in {str(f.relative_to(PROJECT)) for f in
+                                           imported_files(stage_entry_points(stage["cmd"]))}
+    stage["deps"] = [dep for dep in stage["deps"] if dep != "reproduce/data"]
+    assert "reproduce/data/augment.py" in uncovered(stage["cmd"], stage["deps"])
+    stage = copy.deepcopy(stages["train@dml"])
+    stage["deps"].remove("reproduce/losses.py")
+    assert uncovered(stage["cmd"], stage["deps"]) == ["reproduce/losses.py"]
