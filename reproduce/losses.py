@@ -1,5 +1,7 @@
-"""Pure distillation losses. No state, no modules: every loss maps logits to a scalar; the helpers
-beside them return the per-sample terms and batch statistics that methods weight or switch on.
+"""Pure distillation losses that several methods share. No state, no modules: every loss maps logits
+to a scalar; the helpers beside them return the per-sample terms that methods weight. The maths only
+one method uses lives in that method's file (SwitOKD's switch in methods/switokd.py, R2KD's
+correlation and rank terms in methods/r2kd.py, KDCL's ensembles in methods/kdcl.py).
 
 Conventions (../METHODS.md): logits are ``[B, C]``; a KL divergence is summed over classes and
 averaged over the batch ("batchmean": ``reduction='mean'`` would silently divide by C); the τ²
@@ -8,8 +10,6 @@ detached *inside* the function, so no caller can forget to.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -107,88 +107,3 @@ def balanced_kd_loss(student: Tensor, teacher: Tensor, forward_weight: Tensor, t
     forward = forward_kl_per_sample(student, teacher, temperature)
     reverse = reverse_kl_per_sample(student, teacher, temperature)
     return temperature**2 * (weight * forward + (1 - weight) * reverse).mean()
-
-
-# ----------------------------------------------------------------------------------------------
-# SwitOKD's switch (hfutqian/SwitOKD): L1 distances of softmax outputs at τ = 1, batch means, detached
-
-SWITOKD_EPSILON_FORMS = ("code", "paper")
-
-
-def switokd_distances(student: Tensor, teacher: Tensor, target: Tensor) -> tuple[float, float, float]:
-    """``(s, t, G)``: ``s = mean‖p_s − e_y‖₁``, ``t = mean‖p_t − e_y‖₁``, ``G = mean‖p_s − p_t‖₁``."""
-    with torch.no_grad():
-        student_probs, teacher_probs = F.softmax(student.float(), dim=1), F.softmax(teacher.float(), dim=1)
-        one_hot = F.one_hot(target, student.shape[1]).float()
-        distances = torch.stack([(student_probs - one_hot).abs().sum(1).mean(),
-                                 (teacher_probs - one_hot).abs().sum(1).mean(),
-                                 (student_probs - teacher_probs).abs().sum(1).mean()])
-    s, t, gap = distances.tolist()  # one host sync: the switch is a Python decision
-    return s, t, gap
-
-
-def switokd_threshold(student_distance: float, teacher_distance: float, eps_form: str = "code") -> tuple[float, float]:
-    """``(δ, ε)`` with ``δ = s − ε·t``; ``ε = exp(−t/(t + s))`` in the code, ``exp(−t/s)`` in the paper's Fig. 1."""
-    s, t = student_distance, teacher_distance
-    denominator = {"code": t + s, "paper": s}[eps_form]
-    epsilon = math.exp(-t / max(denominator, 1e-12))  # both distances are 0 only for exact one-hot outputs
-    return s - epsilon * t, epsilon
-
-
-def switokd_gap_threshold(student: Tensor, teacher: Tensor, target: Tensor,
-                          eps_form: str = "code") -> tuple[float, float, float]:
-    """SwitOKD's gap ``G``, adaptive threshold ``δ`` and ``ε``, as floats."""
-    s, t, gap = switokd_distances(student, teacher, target)
-    threshold, epsilon = switokd_threshold(s, t, eps_form)
-    return gap, threshold, epsilon
-
-
-# ----------------------------------------------------------------------------------------------
-# R2KD (Seonghak35/R2KD): correlation distance on values, Spearman correlation on ranks
-
-
-def correlation_distance(a: Tensor, b: Tensor) -> Tensor:
-    """R2KD's uncentred correlation distance ``1 − |⟨a_i, b_i⟩| / (‖a_i‖‖b_i‖ + 1e-8)``, mean over rows;
-    ``b`` is the target (detached). The absolute value makes ``b`` and ``−b`` equally close."""
-    b = b.detach()
-    cosine = (a * b).sum(dim=1).abs() / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
-    return (1 - cosine).mean()
-
-
-def correlation_value_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """``τ²·[d(rows) + d(columns)]`` of the softened outputs: per sample, and per class over the batch."""
-    student_probs = F.softmax(student / temperature, dim=1)
-    teacher_probs = F.softmax(teacher.detach() / temperature, dim=1)
-    return temperature**2 * (correlation_distance(student_probs, teacher_probs)
-                             + correlation_distance(student_probs.T, teacher_probs.T))
-
-
-def hard_ranks(values: Tensor) -> Tensor:
-    """Rank 1..C of each entry within its row (argsort of argsort): piecewise constant, no gradient."""
-    return values.argsort(dim=1).argsort(dim=1).float() + 1
-
-
-def soft_ranks(values: Tensor, scale: float) -> Tensor:
-    """Differentiable ranks ``0.5 + Σ_j σ((v_i − v_j)/scale)``, which tend to the hard ranks as
-    ``scale → 0``. Memory is ``B·C²`` (fine for CIFAR, heavy for ImageNet's 1000 classes)."""
-    return 0.5 + torch.sigmoid((values[:, :, None] - values[:, None, :]) / scale).sum(dim=2)
-
-
-def spearman_correlation(ranks_a: Tensor, ranks_b: Tensor) -> Tensor:
-    """Pearson correlation of rank rows (Spearman's ρ without ties), ``[B]``."""
-    centred_a = ranks_a - ranks_a.mean(dim=1, keepdim=True)
-    centred_b = ranks_b - ranks_b.mean(dim=1, keepdim=True)
-    return (centred_a * centred_b).sum(dim=1) / (centred_a.norm(dim=1) * centred_b.norm(dim=1) + 1e-8)
-
-
-def rank_loss(student: Tensor, teacher: Tensor, temperature: float, soft_rank_scale: float | None = None) -> Tensor:
-    """``1 − mean_i ρ_i`` between the class rankings of student and (detached) teacher.
-
-    ``soft_rank_scale=None`` ranks by argsort as the official code does, so the term has no gradient;
-    a scale ranks the student's tempered log-probabilities softly so the term trains it."""
-    teacher_ranks = hard_ranks(teacher.detach())
-    if soft_rank_scale is None:
-        student_ranks = hard_ranks(student.detach())
-    else:
-        student_ranks = soft_ranks(F.log_softmax(student / temperature, dim=1), soft_rank_scale)
-    return 1 - spearman_correlation(student_ranks, teacher_ranks).mean()

@@ -8,9 +8,10 @@ tracks ``methods.<name>`` per stage and refuses a stage whose parameter key is m
 checks that the committed files agree with the registry, so a method added as one file cannot be
 forgotten by the pipeline.
 
-``python -m reproduce stage --method M`` is one DVC stage: it trains M for every seed of
-``pipeline.seeds`` in one process (one torch import, one tracking start-up), then writes the
-headline numbers and per-epoch curves with dvclive into ``dvclive/<M>/`` for ``dvc metrics``,
+``python -m reproduce stage --method M`` is one DVC stage: in one process (one torch import, one
+tracking start-up: on a 2-core machine these cost more than a small run) it trains M for every
+seed of ``pipeline.seeds``, runs M's Optuna study when M has a search space (sweeps/), and writes
+the headline numbers and per-epoch curves with dvclive into ``dvclive/<M>/`` for ``dvc metrics``,
 ``dvc plots`` and ``dvc exp show``.
 """
 
@@ -110,20 +111,42 @@ def add_method_entries(params_path: Path, names: list[str]) -> list[str]:
 
 
 def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), checkpoints_root: Path = Path("checkpoints"),
-              live_root: Path = DVCLIVE_ROOT, resume: str = "auto", track: bool = True) -> dict[str, Any]:
-    """Train ``method`` for every seed of ``pipeline.seeds``, then write ``dvclive/<method>/``."""
+              live_root: Path = DVCLIVE_ROOT, resume: str = "auto", track: bool = True,
+              sweep: bool = True) -> dict[str, Any]:
+    """Train ``method`` for every seed of ``pipeline.seeds``, run its study (``sweep`` and a search
+    space), then write ``dvclive/<method>/``."""
     from reproduce.engine import RunSpec, train
     from reproduce.methods import get_method
 
     cls = get_method(method)
+    if sweep and cls.search_space and config.dataset.val_fraction == 0:
+        raise ConfigError(f"{method}: its Optuna study scores trials on the validation split, and "
+                          f"dataset.val_fraction is 0 (no validation split); set dataset.val_fraction > 0 "
+                          f"or run the stage without the sweep")
     summaries = []
     for seed in config.pipeline.seeds:
         spec = RunSpec(method, seed, runs_root / method / f"seed{seed}", checkpoints_root / method / f"seed{seed}")
         summaries.append(train(config, spec, resume=resume, track=track))
         print(f"[{method}] seed {seed}: {headline_line(summaries[-1])}", flush=True)
+    study = run_study(config, method, track) if sweep and cls.search_space else None
     histories = [_read_history(runs_root / method / f"seed{seed}" / "history.tsv") for seed in config.pipeline.seeds]
-    write_live(live_root / method, cls, summaries, histories, config)
+    write_live(live_root / method, cls, summaries, histories, config, study)
     return {"method": method, "seeds": config.pipeline.seeds, "headline": headline(cls, summaries)}
+
+
+def run_study(config: Config, method: str, track: bool) -> dict[str, Any] | None:
+    """The method's Optuna study (sweeps/): its missing trials, then its results; the summary's best trial."""
+    from sweeps.report import write_results
+    from sweeps.study import plan_job, run_sweep
+
+    job = plan_job(config, method, track=track)
+    if job is None:
+        return None
+    study, crashed = run_sweep(job)
+    summary = write_results(study, job.method, job.config, storage_url=job.storage_url, track=job.track)
+    if crashed:
+        raise RuntimeError(f"{method}: sweep workers crashed ({'; '.join(crashed)}); rerun the stage to finish the study")
+    return summary
 
 
 def headline(cls: type, summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -159,7 +182,7 @@ def headline_line(summary: dict[str, Any]) -> str:
 
 
 def write_live(directory: Path, cls: type, summaries: list[dict[str, Any]], histories: list[list[dict[str, float]]],
-               config: Config) -> None:
+               config: Config, study: dict[str, Any] | None = None) -> None:
     """dvclive: the headline numbers as metrics.json, the method's coefficients as params.yaml, and
     per-epoch curves (mean over seeds) under plots/metrics/<network>/<metric>.tsv."""
     from dvclive import Live
@@ -178,6 +201,10 @@ def write_live(directory: Path, cls: type, summaries: list[dict[str, Any]], hist
                 if all(isinstance(v, float) and math.isfinite(v) for v in values):
                     live.log_metric(f"{network}/{metric}", round(scale * statistics.fmean(values), 4))
     live.summary = headline(cls, summaries)
+    if study is not None and study.get("best") is not None:
+        best = study["best"]
+        live.summary["sweep"] = {"trials": sum(study["trials"].values()), "best_trial": best["number"],
+                                 **{name: best[name] for name in study["objectives"]}}
     live.make_summary()
     live.end()
 

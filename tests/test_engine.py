@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_config
 from reproduce.config import ConfigError, ScheduleConfig
-from reproduce.engine import RunSpec, learning_rate, train
+from reproduce.engine import CheckpointError, DivergedError, RunSpec, learning_rate, train
 
 
 def _history(run_dir: Path) -> list[dict[str, str]]:
@@ -53,7 +53,8 @@ def test_a_run_writes_best_and_last_side_by_side(prepared_root: Path, tmp_path: 
     assert summary["best"]["test"]["student"]["top1"] == pytest.approx(float(best_row["test/student/top1"]), rel=1e-5)
     assert float(history[0]["train/student/loss"]) > float(history[-1]["train/student/loss"])
     assert summary["last"]["test"]["student"]["top1"] > 50  # 10 classes: chance is 10%
-    predictions = torch.load(spec.run_dir / "predictions.pt", weights_only=False)
+    assert summary["selection"] == "val" and "best_test_selected" not in summary
+    predictions = torch.load(spec.run_dir / "predictions.pt", weights_only=True)
     assert predictions["last"]["test"]["student"].shape == (len(predictions["labels"]["test"]), 10)
     for name in ("final.pt", "best.pt", "code.tar.gz", "history.tsv"):
         assert (spec.run_dir / name).exists()
@@ -75,8 +76,8 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_root: Path
         for key in row_a:
             if not key.startswith("time/"):
                 assert row_a[key] == row_b[key], f"epoch {row_a['epoch']}: {key} differs after resume"
-    weights_a = torch.load(straight.run_dir / "final.pt")["networks"]
-    weights_b = torch.load(resumed.run_dir / "final.pt")["networks"]
+    weights_a = torch.load(straight.run_dir / "final.pt", weights_only=True)["networks"]
+    weights_b = torch.load(resumed.run_dir / "final.pt", weights_only=True)["networks"]
     for network in weights_a:
         for name, tensor in weights_a[network].items():
             assert torch.equal(tensor, weights_b[network][name]), f"{network}.{name} differs after resume"
@@ -105,7 +106,7 @@ def test_a_failure_mid_run_keeps_the_last_good_checkpoint(prepared_root: Path, t
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(config, spec, on_epoch_end=crash, track=False)
     assert not (spec.run_dir / "metrics.json").exists()  # no summary of a run that did not finish
-    assert torch.load(spec.checkpoint_dir / "last.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(spec.checkpoint_dir / "last.pt", weights_only=True)["epoch"] == 2
     assert not list(spec.checkpoint_dir.glob("*.tmp"))
     summary = train(config, spec, resume="always", track=False)
     assert summary["epochs"] == 3
@@ -113,7 +114,7 @@ def test_a_failure_mid_run_keeps_the_last_good_checkpoint(prepared_root: Path, t
 
 def test_offline_method_without_teacher_says_how_to_train_it(prepared_root: Path, tmp_path: Path) -> None:
     config = tiny_config(prepared_root, tmp_path)
-    with pytest.raises(FileNotFoundError, match="dvc repro train_teacher"):
+    with pytest.raises(FileNotFoundError, match=r"dvc repro train@teacher"):
         train(config, RunSpec("kd", 0, tmp_path / "run", tmp_path / "ckpt"), track=False)
     assert not (tmp_path / "run" / "metrics.json").exists()
 
@@ -158,3 +159,96 @@ def test_only_networks_that_cannot_change_are_evaluated_once(prepared_root: Path
     repeated = {name for name in forwards if forwards[name] > after_first[name]}
     assert repeated == set(forwards) - cached and all(after_first.values())
     assert second == first == evaluate(built, splits, runtime)[0]  # the cache changes no number
+
+
+@pytest.fixture(scope="module")
+def prepared_without_validation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from reproduce.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared-full")
+    prepare("digits", root / "raw", root, val_fraction=0, split_seed=0, progress=False)
+    return root
+
+
+def test_without_a_validation_split_the_best_epoch_is_chosen_on_test_and_named_so(
+        prepared_without_validation: Path, tmp_path: Path) -> None:
+    """The papers' protocol: the whole training set trains, the best epoch is max test top-1."""
+    manifest = json.loads((prepared_without_validation / "digits" / "manifest.json").read_text())
+    assert manifest["counts"]["val"] == 0 and manifest["counts"]["train"] == 1346  # 1145 + 201 of the 0.15 split
+    config = tiny_config(prepared_without_validation, tmp_path, recipe={"epochs": 3}, dataset={"val_fraction": 0})
+    spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
+    summary = train(config, spec, track=False)
+    history = _history(spec.run_dir)
+    assert not any(key.startswith("val/") for key in history[0])
+    test = [float(row["test/student/top1"]) for row in history]
+    assert summary["selection"] == "test" and "best" not in summary
+    assert summary["best_test_selected"]["epoch"] == 1 + test.index(max(test))
+    assert set(summary["best_test_selected"]) == {"epoch", "test"} and set(summary["last"]) == {"epoch", "test"}
+    assert torch.load(spec.run_dir / "predictions.pt", weights_only=True)["selection"] == "test"
+
+
+def test_a_nan_loss_stops_the_run_naming_epoch_step_method_and_term(prepared_root: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from reproduce.methods import get_method
+
+    dml = get_method("dml")
+    original = dml.step
+
+    def diverging(self, x, y, epoch):
+        step = original(self, x, y, epoch)
+        if epoch == 2:
+            step.losses["student"]["kd"] = step.losses["student"]["kd"] * float("nan")
+        return step
+
+    monkeypatch.setattr(dml, "step", diverging)
+    spec = RunSpec("dml", 0, tmp_path / "run", tmp_path / "ckpt")
+    with pytest.raises(DivergedError, match=r"epoch 2, step 1: method dml, role student, loss term 'kd' is nan"):
+        train(tiny_config(prepared_root, tmp_path, recipe={"epochs": 3}), spec, track=False)
+    assert torch.load(spec.checkpoint_dir / "last.pt", weights_only=True)["epoch"] == 1  # the last good one
+    assert not (spec.run_dir / "metrics.json").exists()
+
+
+class _Payload:
+    """Unpickling this would run code: the engine must refuse it."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_no_code(prepared_root: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
+    spec.checkpoint_dir.mkdir(parents=True)
+    torch.save({"format": 3, "payload": _Payload()}, spec.checkpoint_dir / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last\.pt: refused to load this checkpoint.*--resume never"):
+        train(tiny_config(prepared_root, tmp_path), spec, track=False)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_truncated_checkpoint_names_the_file_and_the_fix(prepared_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 2})
+    spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
+    train(config, spec, stop_after_epoch=1, track=False)
+    checkpoint = spec.checkpoint_dir / "last.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"last\.pt: this checkpoint is corrupt or truncated.*--resume never"):
+        train(config, spec, track=False)
+    assert train(config, spec, resume="never", track=False)["epochs"] == 2
+
+
+def test_a_crafted_teacher_file_is_refused(prepared_root: Path, tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher-runs" / "seed0" / "final.pt"
+    teacher.parent.mkdir(parents=True)
+    torch.save({"models": {"teacher": "resnet8"}, "networks": _Payload()}, teacher)
+    with pytest.raises(CheckpointError, match="refused to load this teacher checkpoint"):
+        train(tiny_config(prepared_root, tmp_path), RunSpec("kd", 0, tmp_path / "run", tmp_path / "ckpt"), track=False)
+
+
+def test_a_finished_run_says_it_is_done_instead_of_training_again(prepared_root: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 1})
+    spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
+    first = train(config, spec, track=False)
+    again = train(config, spec, track=False)
+    assert "already done" in capsys.readouterr().out and again == json.loads(json.dumps(first))

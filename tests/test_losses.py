@@ -1,4 +1,5 @@
-"""The pure losses of reproduce/losses.py against hand-computed values and exact identities."""
+"""The shared losses of reproduce/losses.py against hand-computed values and exact identities (each
+method's own maths is tested with the method: tests/test_methods.py, tests/test_kdcl.py)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,12 @@ import torch.nn.functional as F
 
 from reproduce.losses import (
     balanced_kd_loss,
-    correlation_distance,
-    correlation_value_loss,
     dkd_loss,
     dkd_parts,
-    hard_ranks,
+    forward_kl_per_sample,
     kd_loss,
-    rank_loss,
     reverse_kd_loss,
-    soft_ranks,
-    spearman_correlation,
-    switokd_gap_threshold,
-    switokd_threshold,
+    reverse_kl_per_sample,
     target_log_probability,
 )
 
@@ -74,8 +69,7 @@ def test_every_peer_target_is_detached() -> None:
     weight = torch.full((6,), 0.3, dtype=torch.float64, requires_grad=True)
     losses = [kd_loss(student, teacher, 2.0), reverse_kd_loss(student, teacher, 2.0),
               dkd_loss(student, teacher, target, 1.0, 8.0, 4.0), balanced_kd_loss(student, teacher, weight, 2.0),
-              correlation_value_loss(student, teacher, 4.0), rank_loss(student, teacher, 4.0, soft_rank_scale=0.1),
-              correlation_distance(student, teacher)]
+              forward_kl_per_sample(student, teacher, 3.0).sum(), reverse_kl_per_sample(student, teacher, 3.0).sum()]
     sum(losses).backward()
     assert teacher.grad is None and weight.grad is None
     assert student.grad is not None and student.grad.abs().sum() > 0
@@ -129,80 +123,3 @@ def test_balanced_kd_interpolates_forward_and_reverse() -> None:
     torch.testing.assert_close(balanced_kd_loss(student, teacher, zeros, 2.0), reverse_kd_loss(student, teacher, 2.0))
     half = balanced_kd_loss(student, teacher, ones / 2, 2.0)
     torch.testing.assert_close(half, (kd_loss(student, teacher, 2.0) + reverse_kd_loss(student, teacher, 2.0)) / 2)
-
-
-# -- SwitOKD -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", range(40))
-def test_switokd_epsilon_and_threshold_bounds(seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    scale = float(torch.empty(()).uniform_(0.1, 8.0, generator=generator))
-    student = scale * torch.randn(16, 10, generator=generator)
-    teacher = scale * torch.randn(16, 10, generator=generator)
-    target = torch.randint(0, 10, (16,), generator=generator)
-    gap, threshold, epsilon = switokd_gap_threshold(student, teacher, target)
-    one_hot = F.one_hot(target, 10).float()
-    s = (F.softmax(student, 1) - one_hot).abs().sum(1).mean().item()
-    t = (F.softmax(teacher, 1) - one_hot).abs().sum(1).mean().item()
-    assert math.exp(-1) - 1e-9 <= epsilon <= 1.0
-    assert s - t - 1e-6 <= threshold <= s + 1e-6
-    assert gap == pytest.approx((F.softmax(student, 1) - F.softmax(teacher, 1)).abs().sum(1).mean().item(), rel=1e-5)
-
-
-def test_switokd_values_by_hand() -> None:
-    # Uniform student over 10 classes; teacher (0.7, 0.3, 0, ...); label 0:
-    # s = 2·0.9 = 1.8, t = 0.3 + 0.3 = 0.6, G = 0.6 + 0.2 + 8·0.1 = 1.6.
-    student = torch.zeros(1, 10)
-    teacher = torch.full((1, 10), -1e4)
-    teacher[0, :2] = torch.tensor([math.log(0.7), math.log(0.3)])
-    gap, threshold, epsilon = switokd_gap_threshold(student, teacher, torch.tensor([0]))
-    assert gap == pytest.approx(1.6, rel=1e-5)
-    assert epsilon == pytest.approx(math.exp(-0.6 / 2.4), rel=1e-5)
-    assert threshold == pytest.approx(1.8 - math.exp(-0.25) * 0.6, rel=1e-5)
-    _, paper_epsilon = switokd_threshold(1.8, 0.6, "paper")
-    assert paper_epsilon == pytest.approx(math.exp(-0.6 / 1.8))
-
-
-# -- R2KD ----------------------------------------------------------------------------------------
-
-
-def test_correlation_distance_cases_by_hand() -> None:
-    a = torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.0, 0.0], [0.5, -1.0, 2.0], [1.0, 0.0, 0.0]])
-    b = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0], [-0.5, 1.0, -2.0], [1.0, 1.0, 0.0]])
-    assert correlation_distance(a[:1], b[:1]).item() == pytest.approx(0.0, abs=1e-6)  # identical
-    assert correlation_distance(a[1:2], b[1:2]).item() == pytest.approx(1.0)  # orthogonal
-    assert correlation_distance(a[2:3], b[2:3]).item() == pytest.approx(0.0, abs=1e-6)  # negated: |cos| = 1
-    assert correlation_distance(a[3:], b[3:]).item() == pytest.approx(1 - 1 / math.sqrt(2), rel=1e-6)
-    assert correlation_distance(a, b).item() == pytest.approx((0 + 1 + 0 + 1 - 1 / math.sqrt(2)) / 4, rel=1e-6)
-
-
-def test_correlation_value_loss_uses_rows_and_columns() -> None:
-    student, teacher = random_logits(12), random_logits(13)
-    p_s, p_t = F.softmax(student / 4, 1), F.softmax(teacher / 4, 1)
-    rows = 1 - ((p_s * p_t).sum(1) / (p_s.norm(dim=1) * p_t.norm(dim=1) + 1e-8)).mean()
-    columns = 1 - ((p_s * p_t).sum(0) / (p_s.norm(dim=0) * p_t.norm(dim=0) + 1e-8)).mean()
-    torch.testing.assert_close(correlation_value_loss(student, teacher, 4.0), 16 * (rows + columns))
-    assert correlation_value_loss(teacher, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-5)
-
-
-def test_ranks_and_spearman() -> None:
-    values = torch.tensor([[0.1, 0.5, 0.3, -2.0]])
-    assert hard_ranks(values).tolist() == [[2.0, 4.0, 3.0, 1.0]]
-    torch.testing.assert_close(soft_ranks(values, 1e-3), hard_ranks(values))
-    ranks = hard_ranks(values)
-    assert spearman_correlation(ranks, ranks).item() == pytest.approx(1.0)
-    assert spearman_correlation(ranks, 5 - ranks).item() == pytest.approx(-1.0)
-    # ranks (1, 2, 3) vs (1, 3, 2): ρ = 1 − 6·Σd²/(n(n² − 1)) = 1 − 6·2/24 = 0.5
-    in_order, swapped = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 3.0, 2.0]])
-    assert spearman_correlation(in_order, swapped).item() == pytest.approx(0.5)
-
-
-def test_rank_loss_has_a_gradient_only_when_soft() -> None:
-    student, teacher = random_logits(14).requires_grad_(), random_logits(15)
-    assert not rank_loss(student, teacher, 4.0).requires_grad
-    soft = rank_loss(student, teacher, 4.0, soft_rank_scale=0.1)
-    soft.backward()
-    assert student.grad is not None and student.grad.abs().sum() > 0
-    assert rank_loss(teacher, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-6)
-    assert rank_loss(-teacher, teacher, 4.0).item() == pytest.approx(2.0, abs=1e-6)

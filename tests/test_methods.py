@@ -11,15 +11,27 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+import reproduce.methods.r2kd as r2kd
+import reproduce.methods.switokd as switokd
 from reproduce import models
-from reproduce.augment import AUGMENTATIONS
+from reproduce.data.augment import AUGMENTATIONS
 from reproduce.engine import RunSpec, Runtime, _train_epoch, make_optimizer, train
-from reproduce.losses import dkd_parts, kd_loss, reverse_kd_loss, target_log_probability
-from reproduce.methods import Method, Networks, get_method
-from reproduce.methods.base import ConfigError
+from reproduce.losses import dkd_parts, forward_kl_per_sample, kd_loss, reverse_kd_loss, target_log_probability
+from reproduce.methods import METHODS, Method, Networks, get_method
+from reproduce.methods.base import ConfigError, registered
 from reproduce.methods.bdkd import FORWARD_WEIGHTINGS
+from reproduce.methods.r2kd import (
+    correlation_distance,
+    correlation_value_loss,
+    hard_ranks,
+    rank_loss,
+    soft_ranks,
+    spearman_correlation,
+)
+from reproduce.methods.switokd import gap_threshold, threshold
 from tests.conftest import tiny_config
 
 CLASSES, CHANNELS, BATCH = 10, 1, 16
@@ -55,6 +67,10 @@ def constant_output(network: nn.Module, probabilities: list[float]) -> None:
         network.classifier.bias.copy_(logits)
 
 
+def random_logits(seed: int, batch: int = 6, classes: int = 7, scale: float = 3.0) -> Tensor:
+    return scale * torch.randn(batch, classes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 def total_loss(step: Any, role: str) -> Tensor:
     return sum(step.losses[role].values())
 
@@ -75,10 +91,52 @@ def has_grads(module: nn.Module) -> bool:
     ("bdkd", {"teacher_reg": "forward"}), ("switokd", {"eps_form": "figure"}), ("sokd", {"aux_init": "zeros"}),
     ("sokd", {"frozen_bn": "off"}), ("r2kd", {"augmentation": "autoaugment"}), ("r2kd", {"rank_gradient": "hard"}),
     ("r2kd", {"pruned_teacher_mode": "frozen"}), ("dkd", {"warmup_epochs": 0}), ("dkd", {"temprature": 4.0}),
+    ("kdcl", {"ensemble": "general"}), ("kdcl", {"linear_objective": "ridge"}), ("kdcl", {"extra_students": -1}),
+    ("switokd", {"temperature_squared": "yes"}),
 ])
 def test_bad_options_name_their_key(name: str, bad: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=f"methods.{name}.{next(iter(bad))}"):
         get_method(name).parse_params(bad)
+
+
+# -- registry declarations ------------------------------------------------------------------------
+
+TABLE_ROWS = {"teacher": 0, "vanilla": 1, "kd": 10, "dkd": 11, "dml": 20, "kdcl": 21, "bdkd": 30, "aekt": 31,
+              "switokd": 32, "sokd": 33, "r2kd": 34}
+
+
+def test_every_method_declares_its_name_row_and_space() -> None:
+    from sweeps.space import parse_space
+
+    assert {cls.name: cls.row_order for cls in registered()} == TABLE_ROWS
+    assert [cls.name for cls in registered()] == sorted(TABLE_ROWS, key=TABLE_ROWS.get)
+    for cls in registered():
+        assert isinstance(cls.display_name, str) and cls.display_name, cls.name
+        assert set(parse_space(cls.search_space, cls.name, None)) == set(cls.search_space)  # a valid space
+    assert METHODS["teacher"].display_name == "Teacher (vanilla)" and METHODS["kdcl"].display_name == "KDCL"
+    assert METHODS["teacher"].search_space == METHODS["vanilla"].search_space == {}
+    assert "rank_weight" not in METHODS["r2kd"].search_space  # no gradient with the code's argsort ranks
+
+
+@pytest.mark.parametrize("name, role, arch", [("teacher", "teacher", "resnet14"), ("vanilla", "student", "resnet8")])
+def test_teacher_and_vanilla_train_one_network_of_their_role(name: str, role: str, arch: str) -> None:
+    torch.manual_seed(0)
+    method_cls = get_method(name)
+    method = method_cls(networks(teacher="resnet14", student="resnet8"), method_cls.parse_params({})).train()
+    assert method_cls.primary == role and set(method.roles()) == {role} == set(method.eval_networks())
+    assert not method_cls.online and not method_cls.uses_pretrained_teacher
+    reference = models.create(arch, CLASSES, in_channels=CHANNELS)
+    assert [p.shape for p in method.roles()[role].parameters()] == [p.shape for p in reference.parameters()]
+    x, y = batch()
+    step = method.step(x, y, 1)
+    assert set(step.losses) == {role} and step.update is None
+    expected = torch.nn.functional.cross_entropy(method.roles()[role](x), y)
+    assert step.losses[role]["ce"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_vanilla_has_no_network_option() -> None:
+    with pytest.raises(ConfigError, match="methods.vanilla.network"):
+        get_method("vanilla").parse_params({"network": "teacher"})
 
 
 # -- DKD and AEKT ---------------------------------------------------------------------------------
@@ -210,6 +268,90 @@ def test_bdkd_teacher_regulariser(teacher_reg: str, divergence: Any) -> None:
 
 # -- SwitOKD --------------------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("seed", range(40))
+def test_switokd_epsilon_and_threshold_bounds(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    scale = float(torch.empty(()).uniform_(0.1, 8.0, generator=generator))
+    student = scale * torch.randn(16, 10, generator=generator)
+    teacher = scale * torch.randn(16, 10, generator=generator)
+    target = torch.randint(0, 10, (16,), generator=generator)
+    gap, delta, epsilon = gap_threshold(student, teacher, target)
+    one_hot = F.one_hot(target, 10).float()
+    s = (F.softmax(student, 1) - one_hot).abs().sum(1).mean().item()
+    t = (F.softmax(teacher, 1) - one_hot).abs().sum(1).mean().item()
+    assert math.exp(-1) - 1e-9 <= epsilon <= 1.0
+    assert s - t - 1e-6 <= delta <= s + 1e-6
+    assert gap == pytest.approx((F.softmax(student, 1) - F.softmax(teacher, 1)).abs().sum(1).mean().item(), rel=1e-5)
+
+
+def test_switokd_values_by_hand() -> None:
+    # Uniform student over 10 classes; teacher (0.7, 0.3, 0, ...); label 0:
+    # s = 2·0.9 = 1.8, t = 0.3 + 0.3 = 0.6, G = 0.6 + 0.2 + 8·0.1 = 1.6.
+    student = torch.zeros(1, 10)
+    teacher = torch.full((1, 10), -1e4)
+    teacher[0, :2] = torch.tensor([math.log(0.7), math.log(0.3)])
+    gap, delta, epsilon = gap_threshold(student, teacher, torch.tensor([0]))
+    assert gap == pytest.approx(1.6, rel=1e-5)
+    assert epsilon == pytest.approx(math.exp(-0.6 / 2.4), rel=1e-5)
+    assert delta == pytest.approx(1.8 - math.exp(-0.25) * 0.6, rel=1e-5)
+    _, paper_epsilon = threshold(1.8, 0.6, "paper")
+    assert paper_epsilon == pytest.approx(math.exp(-0.6 / 1.8))
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_switokd_kl_has_no_temperature_squared_unless_asked(squared: bool) -> None:
+    x, y = batch()
+    method = build("switokd", temperature=2.0, temperature_squared=squared)
+    step = method.step(x, y, 1)
+    with torch.no_grad():
+        teacher_logits, student_logits = method.teacher(x), method.student(x)
+    p_t, p_s = F.softmax(teacher_logits / 2, 1), F.softmax(student_logits / 2, 1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(1).mean().item()  # KL(sg(p_t^T) ‖ p_s^T), written out
+    student_loss = total_loss(step, "student").item()
+    ce = F.cross_entropy(student_logits, y).item()
+    assert student_loss == pytest.approx(ce + (4.0 if squared else 1.0) * kl, rel=1e-5)
+    assert kl > 1e-4  # the two readings differ on this batch
+    if "teacher" in step.losses:
+        reverse = (p_s * (p_s.log() - p_t.log())).sum(1).mean().item()
+        assert step.losses["teacher"]["kd"].item() == pytest.approx((4.0 if squared else 1.0) * reverse, rel=1e-5)
+
+
+def other_rank(samples: int, s: float, t: float, gap: float) -> Any:
+    """An ``all_reduce_mean`` that averages this rank's tensor with that of a simulated second rank
+    holding ``samples`` samples of per-sample distances ``s``, ``t`` and ``gap``."""
+    calls: list[Tensor] = []
+
+    def reduce(tensor: Tensor) -> Tensor:
+        calls.append(tensor.clone())
+        return (tensor + torch.tensor([samples * s, samples * t, samples * gap, float(samples)])) / 2
+
+    reduce.calls = calls  # type: ignore[attr-defined]
+    return reduce
+
+
+def test_switokd_distances_are_global_batch_means(monkeypatch: pytest.MonkeyPatch) -> None:
+    student = torch.zeros(4, 10)  # uniform: s = 1.8 on each sample
+    teacher = torch.full((4, 10), -1e4)
+    teacher[:, :2] = torch.tensor([math.log(0.7), math.log(0.3)])  # t = 0.6, G = 1.6 against label 0
+    reduce = other_rank(12, 1.8, 1.8, 0.0)  # 12 samples where both networks are uniform
+    monkeypatch.setattr(switokd, "all_reduce_mean", reduce)
+    s, t, gap = switokd.distances(student, teacher, torch.zeros(4, dtype=torch.long))
+    assert len(reduce.calls) == 1 and reduce.calls[0][3].item() == 4  # sums and the sample count travel together
+    # Weighted by each rank's sample count, not the mean of the two ranks' means:
+    assert (s, t, gap) == pytest.approx(((4 * 1.8 + 12 * 1.8) / 16, (4 * 0.6 + 12 * 1.8) / 16, 4 * 1.6 / 16), rel=1e-5)
+
+
+def test_switokd_distances_are_unchanged_without_distributed() -> None:
+    student, teacher = random_logits(20).float(), random_logits(21).float()
+    target = torch.tensor([0, 1, 2, 3, 4, 5])
+    one_hot = F.one_hot(target, 7).float()
+    p_s, p_t = F.softmax(student, 1), F.softmax(teacher, 1)
+    expected = ((p_s - one_hot).abs().sum(1).mean(), (p_t - one_hot).abs().sum(1).mean(),
+                (p_s - p_t).abs().sum(1).mean())
+    assert switokd.distances(student, teacher, target) == pytest.approx([v.item() for v in expected], rel=1e-6)
+
+
 UNIFORM = [0.1] * 10
 TEACHER_RIGHT = [0.7, 0.3] + [0.0] * 8  # label 0: t = 0.6 against the uniform student's s = 1.8
 
@@ -238,6 +380,21 @@ def test_switokd_mode_truth_table(teacher_probs: list[float], student_probs: lis
         assert step.update == frozenset({"student"}) and set(step.losses) == {"student"}
     else:
         assert step.update is None and set(step.losses) == {"teacher", "student"}
+
+
+def test_switokd_mode_follows_the_global_batch_not_this_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every DDP rank must take the same mode. Alone, this rank's batch says expert (G = 1.6 > δ = 1.33);
+    with a second rank of 48 samples on which both networks are uniform, the global batch of 64 has
+    s = 1.8, t = (16·0.6 + 48·1.8)/64 = 1.5, G = 16·1.6/64 = 0.4 < δ = 1.8 − exp(−1.5/3.3)·1.5 ≈ 0.85:
+    learning mode."""
+    x = batch()[0]
+    y = torch.zeros(BATCH, dtype=torch.long)
+    assert switokd_with(TEACHER_RIGHT, UNIFORM).step(x, y, 1).signals["expert_fraction"] == 1.0
+    monkeypatch.setattr(switokd, "all_reduce_mean", other_rank(3 * BATCH, 1.8, 1.8, 0.0))
+    step = switokd_with(TEACHER_RIGHT, UNIFORM).step(x, y, 1)
+    assert step.signals["expert_fraction"] == 0.0 and set(step.losses) == {"teacher", "student"}
+    assert step.signals["gap"] == pytest.approx(0.4, rel=1e-4)
+    assert step.signals["threshold"] == pytest.approx(1.8 - math.exp(-1.5 / 3.3) * 1.5, rel=1e-4)
 
 
 class OneBatch:
@@ -297,7 +454,7 @@ def test_switokd_learning_mode_updates_both(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name, roles", [
     ("bdkd", ("teacher", "student")), ("switokd", ("teacher", "student")), ("dml", ("teacher", "student")),
-    ("sokd", ("aux", "student")),
+    ("kdcl", ("teacher", "student")), ("sokd", ("aux", "student")),
 ])
 def test_each_role_loss_reaches_only_its_own_network(name: str, roles: tuple[str, str]) -> None:
     for own, peer in (roles, roles[::-1]):
@@ -360,6 +517,100 @@ def test_sokd_options() -> None:
 
 
 # -- R2KD -----------------------------------------------------------------------------------------
+
+
+def test_correlation_distance_cases_by_hand() -> None:
+    a = torch.tensor([[1.0, 2.0, 3.0], [1.0, 0.0, 0.0], [0.5, -1.0, 2.0], [1.0, 0.0, 0.0]])
+    b = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0], [-0.5, 1.0, -2.0], [1.0, 1.0, 0.0]])
+    assert correlation_distance(a[:1], b[:1]).item() == pytest.approx(0.0, abs=1e-6)  # identical
+    assert correlation_distance(a[1:2], b[1:2]).item() == pytest.approx(1.0)  # orthogonal
+    assert correlation_distance(a[2:3], b[2:3]).item() == pytest.approx(0.0, abs=1e-6)  # negated: |cos| = 1
+    assert correlation_distance(a[3:], b[3:]).item() == pytest.approx(1 - 1 / math.sqrt(2), rel=1e-6)
+    assert correlation_distance(a, b).item() == pytest.approx((0 + 1 + 0 + 1 - 1 / math.sqrt(2)) / 4, rel=1e-6)
+
+
+def test_correlation_value_loss_uses_rows_and_columns() -> None:
+    student, teacher = random_logits(12), random_logits(13)
+    p_s, p_t = F.softmax(student / 4, 1), F.softmax(teacher / 4, 1)
+    rows = 1 - ((p_s * p_t).sum(1) / (p_s.norm(dim=1) * p_t.norm(dim=1) + 1e-8)).mean()
+    columns = 1 - ((p_s * p_t).sum(0) / (p_s.norm(dim=0) * p_t.norm(dim=0) + 1e-8)).mean()
+    torch.testing.assert_close(correlation_value_loss(student, teacher, 4.0), 16 * (rows + columns))
+    assert correlation_value_loss(teacher, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ranks_and_spearman() -> None:
+    values = torch.tensor([[0.1, 0.5, 0.3, -2.0]])
+    assert hard_ranks(values).tolist() == [[2.0, 4.0, 3.0, 1.0]]
+    torch.testing.assert_close(soft_ranks(values, 1e-3), hard_ranks(values))
+    ranks = hard_ranks(values)
+    assert spearman_correlation(ranks, ranks).item() == pytest.approx(1.0)
+    assert spearman_correlation(ranks, 5 - ranks).item() == pytest.approx(-1.0)
+    # ranks (1, 2, 3) vs (1, 3, 2): ρ = 1 − 6·Σd²/(n(n² − 1)) = 1 − 6·2/24 = 0.5
+    in_order, swapped = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 3.0, 2.0]])
+    assert spearman_correlation(in_order, swapped).item() == pytest.approx(0.5)
+
+
+def test_rank_loss_has_a_gradient_only_when_soft() -> None:
+    student, teacher = random_logits(14).requires_grad_(), random_logits(15)
+    assert not rank_loss(student, teacher, 4.0).requires_grad
+    soft = rank_loss(student, teacher, 4.0, soft_rank_scale=0.1)
+    soft.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert rank_loss(teacher, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert rank_loss(-teacher, teacher, 4.0).item() == pytest.approx(2.0, abs=1e-6)
+
+
+def test_r2kd_value_and_rank_targets_are_detached() -> None:
+    student, teacher = random_logits(16).requires_grad_(), random_logits(17).requires_grad_()
+    (correlation_value_loss(student, teacher, 4.0) + rank_loss(student, teacher, 4.0, soft_rank_scale=0.1)
+     + correlation_distance(student, teacher)).backward()
+    assert teacher.grad is None and student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_rank_loss_ranks_the_softened_probabilities_as_the_code_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The code ranks softmax(z/τ), not z. Within a row both give the same order, so the check is on
+    what the ranking is fed. The logits are chosen so that the two inputs differ in a way that would
+    show: the ranks down each column (across the batch) differ between z and softmax(z/τ)."""
+    # Class 1: a larger logit in row 0 (4 > 3), a larger probability in row 1 (0.36 < 0.69 at τ = 2).
+    student = torch.tensor([[5.0, 4.0, 0.0], [0.0, 3.0, 0.0]])
+    teacher = torch.tensor([[6.0, 5.0, 0.0], [0.0, 4.0, 1.0]])
+    temperature = 2.0
+    fed: list[Tensor] = []
+
+    def recording_ranks(values: Tensor) -> Tensor:
+        fed.append(values.clone())
+        return hard_ranks(values)
+
+    monkeypatch.setattr(r2kd, "hard_ranks", recording_ranks)
+    r2kd.rank_loss(student, teacher, temperature)
+    expected = [F.softmax(teacher / temperature, 1), F.softmax(student / temperature, 1)]
+    assert len(fed) == 2
+    for values, softened in zip(fed, expected, strict=True):
+        torch.testing.assert_close(values, softened)
+    column_ranks = lambda values: hard_ranks(values.T).T  # noqa: E731  rank of each sample within its class
+    assert not torch.equal(column_ranks(student), column_ranks(F.softmax(student / temperature, 1)))
+    assert not torch.equal(column_ranks(teacher), column_ranks(F.softmax(teacher / temperature, 1)))
+    assert torch.equal(hard_ranks(student), hard_ranks(F.softmax(student / temperature, 1)))  # rows agree
+
+
+def test_r2kd_rank_term_uses_the_softened_ensemble(monkeypatch: pytest.MonkeyPatch) -> None:
+    method = build("r2kd", augmentation="none", temperature=3.0)
+    x, y = batch()
+    fed: list[Tensor] = []
+    real_rank_loss = r2kd.rank_loss
+
+    def recording(student: Tensor, teacher: Tensor, temperature: float, scale: float | None = None) -> Tensor:
+        fed.append(teacher)
+        assert temperature == 3.0
+        return real_rank_loss(student, teacher, temperature, scale)
+
+    monkeypatch.setattr(r2kd, "rank_loss", recording)
+    step = method.step(x, y, 1)
+    with torch.no_grad():
+        ensemble = 0.7 * method.teacher(x) + 0.3 * method.pruned_teacher(x)
+        expected = 2.0 * real_rank_loss(method.student(x), ensemble, 3.0)
+    torch.testing.assert_close(fed[0], ensemble)
+    assert step.losses["student"]["rank"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_r2kd_prunes_ten_percent_of_every_weight_tensor() -> None:
@@ -444,6 +695,7 @@ TRAINING = [  # (method, params, distils from the pre-trained teacher, signals i
     ("sokd", {}, True, set()),
     ("bdkd", {}, False, {"forward_weight", "student_entropy", "teacher_entropy"}),
     ("switokd", {}, False, {"expert_fraction", "gap", "threshold", "epsilon"}),
+    ("kdcl", {}, False, {"ensemble_ce"}),
 ]
 
 

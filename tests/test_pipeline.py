@@ -127,7 +127,7 @@ def test_second_repro_does_nothing_and_a_coefficient_reruns_only_its_method(proj
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     changed = set(json.loads(_dvc(root, env, "status", "--json")))
     params_path.write_text(original)
-    assert {stage for stage in changed if stage.startswith(("train", "distill", "sweep"))} == {"distill@kd", "sweep@kd"}
+    assert {stage for stage in changed if stage.startswith(("train", "distill"))} == {"distill@kd"}
 
 
 def test_dvc_exp_run_set_param_and_exp_show_lists_both_experiments(project) -> None:

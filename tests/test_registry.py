@@ -84,45 +84,67 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+def imported_names(nodes: list[ast.AST]) -> list[str]:
+    """Module names imported anywhere inside ``nodes`` (``from a.b import c`` gives a.b and a.b.c)."""
+    names: list[str] = []
+    for node in (inner for outer in nodes for inner in ast.walk(outer)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, "relative import; the project imports absolutely"
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return names
+
+
+def project_files(names: list[str]) -> list[Path]:
+    """The project files behind module names, with every enclosing package's __init__.py."""
+    files = []
+    for name in names:
+        parts = name.split(".")
+        files += [found for depth in range(1, len(parts) + 1) if (found := module_file(".".join(parts[:depth])))]
+    return files
+
+
 def imported_files(start: list[Path]) -> set[Path]:
     """Every project file reachable from ``start`` through import statements anywhere in the code
-    (function-level imports included: most of this project imports lazily). A package's __init__.py
-    counts for each of its submodules. Imports done by name at run time (the method registry's
-    pkgutil loop) are not followed: the stage names its own method file."""
+    (function-level imports included: most of this project imports lazily). Imports done by name at
+    run time (the method registry's pkgutil loop) are not followed: a stage names its method's file."""
     seen: set[Path] = set()
     todo = list(start)
     while todo:
         path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                assert not node.level, f"{path}: relative import; the project imports absolutely"
-                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            for name in names:
-                parts = name.split(".")
-                for depth in range(1, len(parts) + 1):
-                    found = module_file(".".join(parts[:depth]))
-                    if found is not None:
-                        todo.append(found)
+        if path not in seen:
+            seen.add(path)
+            todo += project_files(imported_names([ast.parse(path.read_text())]))
     return seen
 
 
-def stage_entry_points(cmd: str) -> list[Path]:
+def stage_imports(cmd: str) -> set[Path]:
+    """What ``python -m <package> [<command>] [--method M]`` imports: the entry module's top level, the
+    body of the function its COMMANDS table maps the command to, everything those import, and M's file."""
     words = cmd.split()
     assert words[:2] == ["python", "-m"], f"stage command {cmd!r}: expected `python -m <package> ...`"
-    entry = [PROJECT / words[2] / "__main__.py"]
+    entry = PROJECT / words[2] / "__main__.py"
+    tree = ast.parse(entry.read_text())
+    nodes: list[ast.AST] = [node for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    table = next((node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id == "COMMANDS" for t in node.targets)), None)
+    if table is None:  # a single-command entry point runs its whole module
+        nodes = [tree]
+    else:
+        commands = {key.value: value.id for key, value in zip(table.keys, table.values)}
+        command = words[3]
+        assert command in commands, f"{cmd!r}: {command!r} is not in {entry}'s COMMANDS"
+        nodes += [functions[commands[command]], *(functions[name] for name in ("main", "_common") if name in functions)]
+    files = {entry} | imported_files(project_files(imported_names(nodes)))
     if "--method" in words:
-        entry.append(PROJECT / "reproduce" / "methods" / f"{words[words.index('--method') + 1]}.py")
-    return entry
+        files |= imported_files([PROJECT / "reproduce" / "methods" / f"{words[words.index('--method') + 1]}.py"])
+    return files
 
 
 def uncovered(cmd: str, deps: list[str]) -> list[str]:
-    files = imported_files(stage_entry_points(cmd))
+    files = stage_imports(cmd)
     roots = [PROJECT / dep for dep in deps]
     return sorted(str(f.relative_to(PROJECT)) for f in files if not any(f == r or r in f.parents for r in roots))
 
@@ -142,15 +164,14 @@ def stages() -> dict[str, dict]:
 
 
 def test_every_stage_depends_on_every_project_module_its_command_imports(stages: dict[str, dict]) -> None:
-    assert {"prepare", "analysis", "train@teacher", "distill@r2kd", "sweep@kd"} <= set(stages)
+    assert {"prepare", "analysis", "train@teacher", "train@dml", "distill@r2kd"} <= set(stages)
     problems = {name: missing for name, stage in stages.items() if (missing := uncovered(stage["cmd"], stage["deps"]))}
     assert not problems, f"stages miss deps on modules they import: {problems}"
 
 
 def test_the_deps_check_catches_a_missing_module(stages: dict[str, dict]) -> None:
     stage = copy.deepcopy(stages["distill@r2kd"])
-    assert "reproduce/data/augment.py" in {str(f.relative_to(PROJECT)) for f in
-                                           imported_files(stage_entry_points(stage["cmd"]))}
+    assert "reproduce/data/augment.py" in {str(f.relative_to(PROJECT)) for f in stage_imports(stage["cmd"])}
     stage["deps"] = [dep for dep in stage["deps"] if dep != "reproduce/data"]
     assert "reproduce/data/augment.py" in uncovered(stage["cmd"], stage["deps"])
     stage = copy.deepcopy(stages["train@dml"])

@@ -43,8 +43,17 @@ def identity_linear(num_classes: int) -> nn.Linear:
 @register
 class AEKT(Method):
     name = "aekt"
+    display_name = "AEKT"
     online = False
     uses_pretrained_teacher = True
+    row_order = 31
+    search_space = {
+        "temperature": {"type": "float", "low": 1, "high": 8},
+        "gamma": {"type": "float", "low": 0.5, "high": 2},
+        "beta": {"type": "float", "low": 0.5, "high": 10, "log": True},
+        "head": {"type": "categorical", "choices": ["serial", "parallel"]},
+        "explicit_weighting": {"type": "categorical", "choices": ["ratio", "one"]},
+    }
 
     @dataclass
     class Params:

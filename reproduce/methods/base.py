@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar
 from torch import Tensor, nn
 
 from reproduce.config import Config, ConfigError, build_dataclass, check_choice  # noqa: F401  (re-exported for methods)
+from reproduce.losses import cross_entropy
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -163,6 +164,24 @@ class TeacherStudentMethod(Method):
 
     def frozen(self) -> list[nn.Module]:
         return [self.teacher]
+
+
+class SingleNetwork(Method):
+    """Cross-entropy training of the network of params.yaml ``models.<role>``, from scratch."""
+
+    role: ClassVar[str]  # "teacher" | "student": the architecture, the role and the evaluated network
+    online = False
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}  # nothing to tune
+
+    def __init__(self, networks: Networks, params: Any) -> None:
+        super().__init__(networks, params)
+        self.network = networks.fresh_teacher() if self.role == "teacher" else networks.student()
+
+    def roles(self) -> dict[str, nn.Module]:
+        return {self.role: self.network}
+
+    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+        return Step(losses={self.role: {"ce": cross_entropy(self.network(x), y)}})
 
 
 class OnlinePairMethod(Method):

@@ -50,6 +50,15 @@ TEACHER_REGULARISERS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 @register
 class BDKD(OnlinePairMethod):
     name = "bdkd"
+    display_name = "BD-KD"
+    row_order = 30
+    search_space = {
+        "temperature": {"type": "float", "low": 1, "high": 4},
+        "student_kd_weight": {"type": "float", "low": 0.25, "high": 4, "log": True},
+        "teacher_kd_weight": {"type": "float", "low": 0.25, "high": 4, "log": True},
+        "weighting": {"type": "categorical", "choices": ["entropy_ratio", "hard", "sigmoid"]},
+        "teacher_reg": {"type": "categorical", "choices": ["dml", "reverse"]},
+    }
 
     @dataclass
     class Params:

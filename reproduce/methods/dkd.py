@@ -25,6 +25,13 @@ from reproduce.methods.base import ConfigError, Step, TeacherStudentMethod, regi
 @register
 class DKD(TeacherStudentMethod):
     name = "dkd"
+    display_name = "DKD"
+    row_order = 11
+    search_space = {
+        "temperature": {"type": "float", "low": 1, "high": 8},
+        "alpha": {"type": "float", "low": 0.5, "high": 2},
+        "beta": {"type": "float", "low": 0.5, "high": 10, "log": True},
+    }
 
     @dataclass
     class Params:

@@ -21,7 +21,13 @@ from reproduce.methods.base import Method, Networks, Step, register
 @register
 class DML(Method):
     name = "dml"
+    display_name = "DML"
     online = True
+    row_order = 20
+    search_space = {
+        "temperature": {"type": "float", "low": 1, "high": 4},
+        "kd_weight": {"type": "float", "low": 0.25, "high": 4, "log": True},
+    }
 
     @dataclass
     class Params:

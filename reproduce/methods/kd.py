@@ -18,6 +18,13 @@ from reproduce.methods.base import Step, TeacherStudentMethod, register
 @register
 class KD(TeacherStudentMethod):
     name = "kd"
+    display_name = "KD"
+    row_order = 10
+    search_space = {
+        "temperature": {"type": "float", "low": 1, "high": 8},
+        "ce_weight": {"type": "float", "low": 0.0, "high": 1.0},
+        "kd_weight": {"type": "float", "low": 0.1, "high": 1.0},
+    }
 
     @dataclass
     class Params:

@@ -8,19 +8,26 @@ layer-wise L1 unstructured magnitude pruning, once, with no fine-tuning [code]. 
 
 - ``L_val = κ_v·τ²·[mean_i d(p_s[i], q[i]) + mean_c d(p_s[:, c], q[:, c])]``, the uncentred
   correlation distance ``d(a, b) = 1 − |⟨a,b⟩|/(‖a‖‖b‖ + 1e-8)`` over rows and over columns [code];
-- ``L_rank = κ_r·(1 − mean_i ρ_i)``, Spearman's ρ between the class rankings [code].
-  The code ranks by argsort, so this term has no gradient: it is logged, not learned
-  (rank_gradient none). rank_gradient soft ranks the student softly instead (σ of pairwise
-  log-probability differences / soft_rank_scale), an extension that is in neither paper nor code;
+- ``L_rank = κ_r·(1 − mean_i ρ_i)``, Spearman's ρ between the class rankings of each row of
+  ``p_s`` and ``q`` (the code ranks ``softmax(z/τ)``, not the logits: the same order within a row
+  unless probabilities underflow into ties) [code]. The code ranks by argsort, so this term has no
+  gradient: it is logged, not learned (rank_gradient none). rank_gradient soft ranks the student
+  softly instead (σ of pairwise log-probability differences / soft_rank_scale), an extension that
+  is in neither paper nor code;
 - ``L = CE(x) + L_val(x) + L_rank(x) + L_val(x_aug) + L_rank(x_aug)``: the KD terms on the clean
   batch and on an augmented copy, CE on the clean batch only [code].
 
 Options (defaults [code]): temperature 4; value_weight κ_v 2; rank_weight κ_r 2; prune_rate 0.1;
 ensemble_weight 0.7; augmentation cutmix (λ ~ Beta(1, 1)) | mixup (Beta(0.2, 0.2)) | cutout | none
-(reproduce/augment.py; the code's autoaugment option is not implemented); rank_gradient none | soft;
-soft_rank_scale 0.1; pruned_teacher_mode train (the code leaves the pruned copy in train() mode,
-so it normalises with batch statistics and its BN running statistics drift) | eval.
+(reproduce/data/augment.py; the code's autoaugment and cutmixpick options are not implemented);
+rank_gradient none | soft; soft_rank_scale 0.1; pruned_teacher_mode train (the code leaves the pruned
+copy in train() mode, so it normalises with batch statistics and its BN running statistics drift) | eval.
 Signals: ``loss_value``, ``loss_rank`` and ``pruned_sparsity`` (zero fraction of the pruned weights).
+
+Recipe. The official repository ships configurations for Tiny-ImageNet only (configs/tiny/r2kd/,
+which use the CRD schedule; the coefficients above are its mdistiller/engine/cfg.py defaults). The
+CIFAR-100 recipe here follows the CRD recipe that the paper states it uses (240 epochs, batch 64,
+lr 0.05, 0.01 for MobileNetV2/ShuffleNet students, ×0.1 at 150/180/210, weight decay 5e-4).
 """
 
 from __future__ import annotations
@@ -29,13 +36,71 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reproduce.augment import AUGMENTATIONS
-from reproduce.losses import correlation_value_loss, cross_entropy, rank_loss
+from reproduce.data.augment import AUGMENTATIONS
+from reproduce.losses import cross_entropy
 from reproduce.methods.base import ConfigError, Method, Networks, Step, check_choice, register
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+# -- the value term: correlation distance over rows and columns ----------------------------------
+
+
+def correlation_distance(a: Tensor, b: Tensor) -> Tensor:
+    """R2KD's uncentred correlation distance ``1 − |⟨a_i, b_i⟩| / (‖a_i‖‖b_i‖ + 1e-8)``, mean over rows;
+    ``b`` is the target (detached). The absolute value makes ``b`` and ``−b`` equally close."""
+    b = b.detach()
+    cosine = (a * b).sum(dim=1).abs() / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+    return (1 - cosine).mean()
+
+
+def correlation_value_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """``τ²·[d(rows) + d(columns)]`` of the softened outputs: per sample, and per class over the batch."""
+    student_probs = F.softmax(student / temperature, dim=1)
+    teacher_probs = F.softmax(teacher.detach() / temperature, dim=1)
+    return temperature**2 * (correlation_distance(student_probs, teacher_probs)
+                             + correlation_distance(student_probs.T, teacher_probs.T))
+
+
+# -- the rank term: Spearman correlation of the class rankings ------------------------------------
+
+
+def hard_ranks(values: Tensor) -> Tensor:
+    """Rank 1..C of each entry within its row (argsort of argsort): piecewise constant, no gradient."""
+    return values.argsort(dim=1).argsort(dim=1).float() + 1
+
+
+def soft_ranks(values: Tensor, scale: float) -> Tensor:
+    """Differentiable ranks ``0.5 + Σ_j σ((v_i − v_j)/scale)``, which tend to the hard ranks as
+    ``scale → 0``. Memory is ``B·C²`` (fine for CIFAR, heavy for ImageNet's 1000 classes)."""
+    return 0.5 + torch.sigmoid((values[:, :, None] - values[:, None, :]) / scale).sum(dim=2)
+
+
+def spearman_correlation(ranks_a: Tensor, ranks_b: Tensor) -> Tensor:
+    """Pearson correlation of rank rows (Spearman's ρ without ties), ``[B]``."""
+    centred_a = ranks_a - ranks_a.mean(dim=1, keepdim=True)
+    centred_b = ranks_b - ranks_b.mean(dim=1, keepdim=True)
+    return (centred_a * centred_b).sum(dim=1) / (centred_a.norm(dim=1) * centred_b.norm(dim=1) + 1e-8)
+
+
+def rank_loss(student: Tensor, teacher: Tensor, temperature: float, soft_rank_scale: float | None = None) -> Tensor:
+    """``1 − mean_i ρ_i`` between the class rankings of ``softmax(z_s/τ)`` and the (detached)
+    ``softmax(z_t/τ)``, as the code ranks them.
+
+    ``soft_rank_scale=None`` ranks by argsort as the official code does, so the term has no gradient;
+    a scale ranks the student's tempered log-probabilities softly so the term trains it."""
+    teacher_ranks = hard_ranks(F.softmax(teacher.detach() / temperature, dim=1))
+    if soft_rank_scale is None:
+        student_ranks = hard_ranks(F.softmax(student.detach() / temperature, dim=1))
+    else:
+        student_ranks = soft_ranks(F.log_softmax(student / temperature, dim=1), soft_rank_scale)
+    return 1 - spearman_correlation(student_ranks, teacher_ranks).mean()
+
+
+# -- the pruned teacher ---------------------------------------------------------------------------
 
 
 def prune_smallest_weights(network: nn.Module, rate: float) -> None:
@@ -59,8 +124,18 @@ def zero_weight_fraction(network: nn.Module) -> float:
 @register
 class R2KD(Method):
     name = "r2kd"
+    display_name = "R2KD"
     online = False
     uses_pretrained_teacher = True
+    row_order = 34
+    # rank_weight is left out: with rank_gradient none (the code's) the rank term has no gradient,
+    # so its weight cannot change training, only the logged loss.
+    search_space = {
+        "temperature": {"type": "float", "low": 1, "high": 8},
+        "value_weight": {"type": "float", "low": 0.5, "high": 4, "log": True},
+        "prune_rate": {"type": "float", "low": 0.0, "high": 0.3},
+        "ensemble_weight": {"type": "float", "low": 0.5, "high": 1.0},
+    }
 
     @dataclass
     class Params:

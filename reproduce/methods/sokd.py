@@ -34,8 +34,16 @@ from reproduce.models import SplitNet
 @register
 class SOKD(Method):
     name = "sokd"
+    display_name = "SOKD"
     online = False
     uses_pretrained_teacher = True
+    row_order = 33
+    search_space = {
+        "temperature": {"type": "float", "low": 1, "high": 8},
+        "aux_from_teacher_weight": {"type": "float", "low": 0.25, "high": 4, "log": True},
+        "aux_from_student_weight": {"type": "float", "low": 0.25, "high": 4, "log": True},
+        "student_from_aux_weight": {"type": "float", "low": 0.25, "high": 4, "log": True},
+    }
 
     @dataclass
     class Params:

@@ -1,34 +1,18 @@
-"""Vanilla: one network, cross-entropy [standard]. Trains the teachers and the "vanilla student" row."""
+"""Vanilla [standard]: ``models.student`` trained alone with cross-entropy, the "vanilla student" row
+of every table.
+
+The training is ``base.SingleNetwork``, shared with the ``teacher`` method: only the role, and so
+the architecture and the evaluated network, differs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from torch import Tensor, nn
-
-from reproduce.losses import cross_entropy
-from reproduce.methods.base import Method, Networks, Step, check_choice, register
+from reproduce.methods.base import SingleNetwork, register
 
 
 @register
-class Vanilla(Method):
+class Vanilla(SingleNetwork):
     name = "vanilla"
-    online = False
-
-    @dataclass
-    class Params:
-        network: str = "student"  # which architecture of params.yaml `models` to train: student | teacher
-
-        def validate(self) -> None:
-            check_choice(self.network, ("student", "teacher"), "methods.vanilla.network")
-
-    def __init__(self, networks: Networks, params: Params) -> None:
-        super().__init__(networks, params)
-        self.primary = params.network
-        self.network = networks.fresh_teacher() if params.network == "teacher" else networks.student()
-
-    def roles(self) -> dict[str, nn.Module]:
-        return {self.params.network: self.network}
-
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
-        return Step(losses={self.params.network: {"ce": cross_entropy(self.network(x), y)}})
+    display_name = "Vanilla student"
+    role = "student"
+    primary = "student"
+    row_order = 1
