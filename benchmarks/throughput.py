@@ -1,4 +1,5 @@
-"""Training throughput (images/s) of one method step, per network pair, input size and runtime option.
+"""Training throughput (images/s) of the engine's training step (``reproduce.engine.train_step``), per
+method, network pair, input size and runtime option.
 
     python -m benchmarks.throughput                       # the embedded default pair on this device
     python -m benchmarks.throughput --pairs resnet32x4:resnet8x4 --size 32 --methods kd dml
@@ -11,18 +12,18 @@ before every clock read so the queued kernels are counted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import torch
 from torch import nn
 
-from reproduce import models
-from reproduce.config import AugmentConfig, config_from_dict
+from reproduce import engine
+from reproduce.config import AugmentConfig, Config, RuntimeConfig, config_from_dict
 from reproduce.data.loader import DeviceLoader, Normalise
 from reproduce.data.prepare import Split
-from reproduce.engine import make_optimizer
-from reproduce.methods.base import Networks, build_method
+from reproduce.methods.base import Method
 
 
 def _sync(device: torch.device) -> None:
@@ -30,46 +31,72 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def method_throughput(method_name: str, teacher: str, student: str, size: int, channels: int, classes: int,
-                      batch: int, device: torch.device, steps: int, repeats: int, channels_last: bool,
-                      amp: bool) -> float:
-    def create(arch: str) -> nn.Module:
-        return models.create(arch, classes, in_channels=channels)
+def benchmark_runtime(device: torch.device, *, amp: bool, channels_last: bool, compile: bool) -> engine.Runtime:
+    """The engine's runtime for explicit switches (resolved by the engine, as a training run's would be)."""
+    return engine.resolve_runtime(RuntimeConfig(device=str(device), amp="bf16" if amp else "off",
+                                                channels_last="on" if channels_last else "off",
+                                                compile="on" if compile else "off"))
 
-    def pretrained() -> nn.Module:
-        return create(teacher).requires_grad_(False).eval()
 
-    config = config_from_dict({})
-    method = build_method(config, method_name, Networks(teacher, student, classes, channels, create, pretrained))
-    method.to(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    method.to(memory_format=memory_format)
-    optimizers = {role: make_optimizer(module, config.recipe.optimizer) for role, module in method.roles().items()}
-    x = torch.randn(batch, channels, size, size, device=device).contiguous(memory_format=memory_format)
-    y = torch.randint(0, classes, (batch,), device=device)
+def build_for_runtime(method_name: str, config: Config, classes: int, channels: int, runtime: engine.Runtime,
+                      ) -> tuple[Method, dict[str, torch.optim.Optimizer]]:
+    """The method and its optimisers placed, formatted and compiled as ``engine.train`` does.
+
+    Offline methods get a randomly initialised, frozen teacher of ``models.teacher`` instead of the
+    trained checkpoint: the cost of a step and the numerics of its losses do not depend on what the
+    teacher learned, and a benchmark must not need a trained run on disk."""
+    networks = engine.make_networks(config, classes, channels, runtime.device)
+
+    def random_frozen_teacher() -> nn.Module:
+        return networks.fresh_teacher().requires_grad_(False).eval()
+
+    method = engine.build_method(config, method_name, dataclasses.replace(networks, load_teacher=random_frozen_teacher))
+    method.to(runtime.device)
+    if runtime.channels_last:
+        method.to(memory_format=torch.channels_last)
+    optimizers = {role: engine.make_optimizer(module, config.recipe.optimizer_for(role))
+                  for role, module in method.roles().items()}
+    if runtime.compile:
+        for network in method.eval_networks().values():
+            network.compile()
     method.train()
+    return method, optimizers
 
-    def step() -> None:
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            result = method.step(x, y, epoch=1)
-        update = sorted(result.update) if result.update is not None else sorted(optimizers)
-        sum(sum(result.losses[r].values()) for r in update if r in result.losses).backward()
-        for role in update:
-            optimizers[role].step()
 
-    for _ in range(3):
-        step()
+def random_batch(batch: int, channels: int, size: int, classes: int, runtime: engine.Runtime,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised-looking inputs in the memory format the engine's loaders hand out."""
+    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    x = torch.randn(batch, channels, size, size, device=runtime.device).contiguous(memory_format=memory_format)
+    return x, torch.randint(0, classes, (batch,), device=runtime.device)
+
+
+def steps_per_second(method: Method, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor,
+                     y: torch.Tensor, runtime: engine.Runtime, *, warmup: int, steps: int, repeats: int) -> float:
+    """Median over ``repeats`` windows of ``steps`` engine training steps, after ``warmup`` untimed
+    ones (where a compiled network compiles)."""
+    for _ in range(warmup):
+        engine.train_step(method, optimizers, x, y, 1, runtime)
     rates = []
     for _ in range(repeats):
-        _sync(device)
+        _sync(runtime.device)
         start = time.perf_counter()
         for _ in range(steps):
-            step()
-        _sync(device)
-        rates.append(batch * steps / (time.perf_counter() - start))
+            engine.train_step(method, optimizers, x, y, 1, runtime)
+        _sync(runtime.device)
+        rates.append(steps / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def method_throughput(method_name: str, teacher: str, student: str, size: int, channels: int, classes: int,
+                      batch: int, device: torch.device, steps: int, repeats: int, channels_last: bool,
+                      amp: bool, compile: bool = False) -> float:
+    """Images/s of ``engine.train_step`` for one method, pair and runtime."""
+    runtime = benchmark_runtime(device, amp=amp, channels_last=channels_last, compile=compile)
+    config = config_from_dict({"models": {"teacher": teacher, "student": student}})
+    method, optimizers = build_for_runtime(method_name, config, classes, channels, runtime)
+    x, y = random_batch(batch, channels, size, classes, runtime)
+    return batch * steps_per_second(method, optimizers, x, y, runtime, warmup=3, steps=steps, repeats=repeats)
 
 
 def loader_throughput(size: int, batch: int, device: torch.device, n: int = 8192) -> dict[str, float]:
