@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(z / τ)``, at least in float32: CUDA autocast already runs softmax in float32, CPU autocast
+    would keep bf16 and shift KD terms by several percent."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.log_softmax(logits / temperature, dim=1)
+
+
 def kl_per_sample(target_log_probs: Tensor, input_log_probs: Tensor) -> Tensor:
     """``KL(target ‖ input)`` for each row, ``[B]``; both arguments are log-probabilities."""
     return F.kl_div(input_log_probs, target_log_probs, reduction="none", log_target=True).sum(dim=1)
@@ -23,8 +31,8 @@ def kl_per_sample(target_log_probs: Tensor, input_log_probs: Tensor) -> Tensor:
 
 def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Shannon entropy (nats) of ``softmax(logits / T)`` per row, ``[B]``."""
-    log_probs = F.log_softmax(logits / temperature, dim=1)
-    return -(log_probs.exp() * log_probs).sum(dim=1)
+    logp = log_probs(logits, temperature)
+    return -(logp.exp() * logp).sum(dim=1)
 
 
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -41,14 +49,14 @@ def reverse_kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Ten
 
 def forward_kl_per_sample(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """``KL(sg(p_t^τ) ‖ p_s^τ)`` per row, without τ²."""
-    return kl_per_sample(F.log_softmax(teacher.detach() / temperature, dim=1),
-                         F.log_softmax(student / temperature, dim=1))
+    return kl_per_sample(log_probs(teacher.detach(), temperature),
+                         log_probs(student, temperature))
 
 
 def reverse_kl_per_sample(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """``KL(p_s^τ ‖ sg(p_t^τ))`` per row, without τ²: the gradient flows through the left side."""
-    return kl_per_sample(F.log_softmax(student / temperature, dim=1),
-                         F.log_softmax(teacher.detach() / temperature, dim=1))
+    return kl_per_sample(log_probs(student, temperature),
+                         log_probs(teacher.detach(), temperature))
 
 
 def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -63,7 +71,7 @@ NON_TARGET_MASK = 1000.0  # mdistiller subtracts this from the target logit to r
 
 def target_log_probability(logits: Tensor, target: Tensor, temperature: float) -> Tensor:
     """``log p^{y,τ}`` per row, ``[B]``."""
-    return F.log_softmax(logits / temperature, dim=1).gather(1, target[:, None]).squeeze(1)
+    return log_probs(logits, temperature).gather(1, target[:, None]).squeeze(1)
 
 
 def _target_vs_rest_log_probs(scaled_logits: Tensor, target_mask: Tensor) -> Tensor:
