@@ -1,7 +1,15 @@
 """Model zoo: every model is a SplitNet built by name through one registry."""
 
 # Imported for their side effect: their @register calls fill the registry.
-from reproduce.models import imagenet, mobilenetv2, resnet_cifar, shufflenet, vgg, wrn  # noqa: F401
+from reproduce.models import (  # noqa: F401
+    imagenet,
+    mobilenetv2,
+    resnet_cifar,
+    shufflenet,
+    switokd_wrn,
+    vgg,
+    wrn,
+)
 from reproduce.models.base import SplitNet
 from reproduce.models.registry import available, create, register
 

@@ -30,8 +30,15 @@ class SplitNet(nn.Module):
         return self.head[-1]
 
 
-def init_cifar_weights(model: nn.Module) -> None:
-    """He init for convolutions, identity BatchNorm and zero linear bias, as the CRD models do."""
+def init_cifar_weights(
+    model: nn.Module, *, linear_std: float | None = None, zero_linear_bias: bool = True
+) -> None:
+    """He init (fan-out) for convolutions with zero bias, identity BatchNorm, as the CRD models do.
+
+    The official files differ only in the classifier, hence the two switches: `linear_std` draws
+    its weight from N(0, linear_std^2) (CRD's VGG and MobileNetV2, torchvision's MobileNetV2), None
+    keeps PyTorch's default; `zero_linear_bias` False keeps PyTorch's default bias (CRD's ResNets).
+    """
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -41,7 +48,10 @@ def init_cifar_weights(model: nn.Module) -> None:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
-            nn.init.zeros_(module.bias)
+            if linear_std is not None:
+                nn.init.normal_(module.weight, 0.0, linear_std)
+            if zero_linear_bias:
+                nn.init.zeros_(module.bias)
 
 
 def classifier_head(*last_stage: nn.Module, features: int, num_classes: int) -> nn.Sequential:

@@ -7,6 +7,11 @@ downsamples shortcuts with a 1x1 convolution + BN, and so do we, to match the CR
 
 ResNet50 is CRD's CIFAR ResNet-50: ImageNet bottleneck layout [3, 4, 6, 3] with a 3x3 stride-1 stem
 and no max-pool, so 32x32 inputs are only downsampled 8x.
+
+Sources: HobbitLong/RepDistiller models/resnet.py (resnet8 ... resnet32x4) and models/resnetv2.py
+(ResNet50), the same files as megvii-research/mdistiller models/cifar/. Both initialise the
+convolutions with He (fan-out) and BN as identity, and leave the classifier at PyTorch's default
+init, its bias included.
 """
 
 from torch import Tensor, nn
@@ -100,7 +105,7 @@ def resnet(
     trunk = nn.Sequential(conv_bn(in_channels, stem_width, 3), nn.ReLU(inplace=True), *stages[:-1])
     head = classifier_head(stages[-1], features=width, num_classes=num_classes)
     model = SplitNet(trunk, head)
-    init_cifar_weights(model)
+    init_cifar_weights(model, zero_linear_bias=False)
     return model
 
 

@@ -1,14 +1,20 @@
 """CRD's CIFAR ShuffleNets: ShuffleV1 (Zhang et al., 2018, 3 groups), ShuffleV2 (Ma et al., 2018).
 
 Both drop the ImageNet stem's stride and max-pool, so a 32x32 input is downsampled 8x by the three
-stages. ShuffleV1 keeps CRD's 1x1 stem convolution.
+stages, and both keep CRD's 1x1 stem convolution.
+
+Sources: HobbitLong/RepDistiller models/ShuffleNetv1.py and models/ShuffleNetv2.py (the same
+networks as megvii-research/mdistiller models/cifar/). Their ShuffleV1 unit applies a ReLU after the
+depthwise convolution + BN (unlike the paper's linear depthwise conv); their ShuffleV2 units do not.
+Neither file initialises weights itself, so PyTorch's default init is kept (the Kaiming-uniform
+layer defaults, identity BN). Counts at 100 classes: ShuffleV1 949,258, ShuffleV2 1,355,528.
 """
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from reproduce.models.base import SplitNet, classifier_head, conv_bn, init_cifar_weights
+from reproduce.models.base import SplitNet, classifier_head, conv_bn
 from reproduce.models.registry import register
 
 
@@ -20,7 +26,7 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
 
 
 class ShuffleV1Unit(nn.Module):
-    """Grouped 1x1, shuffle, depthwise 3x3, grouped 1x1.
+    """Grouped 1x1, shuffle, depthwise 3x3 (with ReLU, as CRD has it), grouped 1x1.
 
     A strided unit concatenates an average-pooled shortcut instead of adding it, so its branch only
     produces out_channels - in_channels channels.
@@ -37,8 +43,9 @@ class ShuffleV1Unit(nn.Module):
             conv_bn(in_channels, bottleneck, 1, groups=first_conv_groups), nn.ReLU(inplace=True)
         )
         self.expand = nn.Sequential(
-            conv_bn(bottleneck, bottleneck, 3, stride, groups=bottleneck),
-            conv_bn(bottleneck, branch_channels, 1, groups=groups),
+            *conv_bn(bottleneck, bottleneck, 3, stride, groups=bottleneck),
+            nn.ReLU(inplace=True),
+            *conv_bn(bottleneck, branch_channels, 1, groups=groups),
         )
         self.pooled_shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else None
 
@@ -72,9 +79,7 @@ def shuffle_v1(num_classes: int, in_channels: int) -> SplitNet:
     stem = conv_bn(in_channels, stem_channels, 1)
     trunk = nn.Sequential(stem, nn.ReLU(inplace=True), *stages[:-1])
     head = classifier_head(stages[-1], features=channels, num_classes=num_classes)
-    model = SplitNet(trunk, head)
-    init_cifar_weights(model)
-    return model
+    return SplitNet(trunk, head)
 
 
 class ShuffleV2Unit(nn.Module):
@@ -129,7 +134,7 @@ def shuffle_v2(num_classes: int, in_channels: int) -> SplitNet:
         units += [ShuffleV2Unit(out_channels) for _ in range(num_units)]
         stages.append(nn.Sequential(*units))
         channels = out_channels
-    stem = conv_bn(in_channels, stem_channels, 3)
+    stem = conv_bn(in_channels, stem_channels, 1)
     trunk = nn.Sequential(stem, nn.ReLU(inplace=True), *stages[:-1])
     head = classifier_head(
         stages[-1],
@@ -138,9 +143,7 @@ def shuffle_v2(num_classes: int, in_channels: int) -> SplitNet:
         features=last_channels,
         num_classes=num_classes,
     )
-    model = SplitNet(trunk, head)
-    init_cifar_weights(model)
-    return model
+    return SplitNet(trunk, head)
 
 
 register("ShuffleV1")(shuffle_v1)

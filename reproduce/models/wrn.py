@@ -3,6 +3,10 @@
 Pre-activation BasicBlocks in three stages of widths 16k/32k/64k after a 16-channel stem,
 depth = 6n + 4, dropout 0. Because blocks are pre-activated, the network ends with its own
 BN + ReLU, which belongs to the head.
+
+Source: HobbitLong/RepDistiller models/wrn.py (= megvii-research/mdistiller models/cifar/wrn.py):
+He (fan-out) convolutions without biases, identity BN, a classifier with PyTorch's default weight
+and a zero bias. SwitOKD's own WRNs differ and live in switokd_wrn.py.
 """
 
 from torch import Tensor, nn
