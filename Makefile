@@ -1,7 +1,8 @@
 # Two commands do everything on a fresh machine (Python 3.11):
 #   make repro   create .venv if missing, install, sync registry.yaml with the method registry,
 #                run the whole DVC pipeline on the embedded default
-#   make test    create .venv if missing, install, run the test suite
+#   make test    create .venv if missing, install (and Debian's postgresql for the sweep storage
+#                tests where it is missing), run the test suite
 # A second run reuses .venv; it reinstalls only when pyproject.toml changes.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -34,6 +35,7 @@ repro: $(STAMP)
 	dvc repro
 
 test: $(STAMP)
+	bash tests/ensure_postgres.sh
 	$(VENV)/bin/python -m pytest
 
 test-fast: $(STAMP)

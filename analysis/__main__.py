@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {args.out}/index.html, {len(report.tables)} tables, {len(report.figures)} figures "
-          f"({len(report.notes)} input note(s))")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"wrote {args.out}/index.html, {len(report.tables)} tables, {len(report.figures)} figures, "
+          f"{len(report.plots)} curves under {args.out}/plots ({len(report.notes)} input note(s), "
+          f"{len(report.warnings)} calibration warning(s))")
     return 0
 
 

@@ -64,9 +64,10 @@ def save_figure(figure: Figure, directory: Path, stem: str, dpi: int) -> Path:
 # Reliability diagrams
 
 
-def draw_reliability(axis: Axes, histogram: Axes, bins: ReliabilityBins, title: str) -> None:
+def draw_reliability(axis: Axes, histogram: Axes, bins: ReliabilityBins, title: str, ece_text: str | None = None) -> None:
     """Per-bin accuracy against confidence with the gap to the diagonal hatched, and below it the share
-    of samples per confidence bin with the mean confidence and the accuracy marked."""
+    of samples per confidence bin with the mean confidence and the accuracy marked. ``ece_text``: the ECE
+    label (the analysis passes the mean over seeds, its one ECE convention); default: these bins' ECE."""
     edges = bins.edges.numpy()
     left, width = edges[:-1], np.diff(edges)
     counts = bins.counts.numpy()
@@ -82,7 +83,8 @@ def draw_reliability(axis: Axes, histogram: Axes, bins: ReliabilityBins, title: 
     axis.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=0.8, label="Perfect calibration")
     axis.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy", title=title)
     axis.tick_params(labelbottom=False)
-    axis.text(0.04, 0.95, f"ECE {100 * bins.expected_error():.2f} %", transform=axis.transAxes, va="top",
+    label = ece_text if ece_text is not None else f"ECE (%) {100 * bins.expected_error():.2f}"
+    axis.text(0.04, 0.95, label, transform=axis.transAxes, va="top",
               fontsize=7, bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "0.7",
                                 "linewidth": 0.5})
 
@@ -106,28 +108,30 @@ def _shared_legend(figure: Figure, axis: Axes, histogram: Axes, columns: int) ->
     figure.legend(handles, labels, loc="outside upper center", ncol=columns)
 
 
-def reliability_figure(bins: ReliabilityBins, title: str) -> Figure:
+def reliability_figure(bins: ReliabilityBins, title: str, ece_text: str | None = None) -> Figure:
     """One network: single-column size."""
     with paper_style():
         figure = Figure(figsize=(SINGLE_COLUMN_IN, 3.9), layout="constrained")
         axis, histogram = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
-        draw_reliability(axis, histogram, bins, title)
+        draw_reliability(axis, histogram, bins, title, ece_text)
         _shared_legend(figure, axis, histogram, columns=2)
     return figure
 
 
-def reliability_grid(panels: list[tuple[str, ReliabilityBins]], columns: int) -> Figure:
-    """Several networks side by side: two-column width, the legend once, no title (a paper's caption says it)."""
+def reliability_grid(panels: list[tuple[str, ReliabilityBins]] | list[tuple[str, ReliabilityBins, str | None]],
+                     columns: int) -> Figure:
+    """Several networks side by side: two-column width, the legend once, no title (a paper's caption says it).
+    A panel is (title, bins) or (title, bins, ECE label)."""
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
     with paper_style():
         figure = Figure(figsize=(DOUBLE_COLUMN_IN, 2.45 * rows + 0.6), layout="constrained")
         grid = figure.add_gridspec(2 * rows, columns, height_ratios=[3, 1] * rows)
-        for index, (panel_title, bins) in enumerate(panels):
+        for index, (panel_title, bins, *ece_text) in enumerate(panels):
             row, column = divmod(index, columns)
             axis = figure.add_subplot(grid[2 * row, column])
             histogram = figure.add_subplot(grid[2 * row + 1, column], sharex=axis)
-            draw_reliability(axis, histogram, bins, panel_title)
+            draw_reliability(axis, histogram, bins, panel_title, ece_text[0] if ece_text else None)
             if index == 0:
                 _shared_legend(figure, axis, histogram, columns=3)
     return figure
@@ -173,14 +177,19 @@ def curves_figure(histories: dict[int, pd.DataFrame], title: str) -> Figure | No
     return figure
 
 
-def method_overview_figure(histories: dict[str, dict[int, pd.DataFrame]], names: dict[str, str]) -> Figure | None:
+def method_overview_figure(histories: dict[str, dict[int, pd.DataFrame]], names: dict[str, str],
+                           frozen_teacher: frozenset[str] = frozenset()) -> Figure | None:
     """Test top-1 per epoch of every method's student and teacher networks; a method keeps its colour
-    across the panels and appears only where it has such a network."""
+    across the panels and appears only where it has such a network. ``frozen_teacher``: labels whose
+    teacher network is the pre-trained teacher (a flat line, the teacher method's): left out of the teacher panel."""
     frames = []
     for label, seeds in histories.items():
         frame = long_history(seeds, ACCURACY_COLUMN, "test top-1 (%)")
         if not frame.empty:
-            frames.append(frame[frame["split"] == "test"].assign(method=names[label]))
+            frame = frame[frame["split"] == "test"]
+            if label in frozen_teacher:
+                frame = frame[frame["network"] != "teacher"]
+            frames.append(frame.assign(method=names[label]))
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     networks = [network for network in ("student", "teacher") if not data.empty and network in set(data["network"])]
     if not networks:

@@ -1,9 +1,13 @@
 """Paper vs reproduced: published top-1 beside ours, like with like only.
 
-A published number is set against our runs only when the dataset, the teacher -> student pair and
-the measurement convention all match (the convention picks our best or last epoch). Methods whose
-papers gave no numbers say "not published"; when no published number exists for our dataset and pair
-the table says so and lists, for reference only, what would be compared on the papers' main dataset.
+A published number is set against our runs only when the dataset, the teacher -> student pair and the
+measurement convention all match. Each source's convention (published_results.yaml) says which epoch it
+reports: the papers' "best" epoch is chosen on the TEST set, so it is set beside our best epoch selected
+on test (runs of the paper protocol, dataset.val_fraction = 0) and never beside a best epoch selected on
+validation: with such runs the row says "not comparable" and how to rerun. A "last" epoch is set beside
+our last epoch. Our column names our convention and seed count. Methods whose papers gave no numbers say
+"not published"; when no published number exists for our dataset and pair the table says so and lists,
+for reference only, what would be compared on the papers' main dataset.
 """
 
 from __future__ import annotations
@@ -16,20 +20,34 @@ import pandas as pd
 import yaml
 
 from analysis.aggregate import Aggregate, Stat
-from analysis.runs import AnalysisError, Setup
+from analysis.runs import EPOCH_LABELS, AnalysisError, Setup
 from analysis.settings import AnalysisSettings
 from analysis.tables import Cell, Table, format_stat
 
 NO_RUN = "no run"
 NOT_PUBLISHED = "not published"
+NOT_COMPARABLE = "not comparable"
+NOT_COMPARABLE_TEXT = ("not comparable: the paper's best epoch is selected on test, our runs select on validation; "
+                       "rerun with dataset.val_fraction=0 (paper protocol)")
+PUBLISHED_EPOCHS = ("best", "last")  # a source's convention.epoch
 RESULT_KEYS = {"source", "dataset", "run", "network", "teacher", "student", "top1", "std"}
 
 
 @dataclass(frozen=True)
 class Convention:
-    epoch: str  # "best" (chosen on validation) or "last"
+    epoch: str  # "best" (the papers pick it on the test set) or "last"
     seeds: int
     description: str
+
+    def __post_init__(self) -> None:
+        if self.epoch not in PUBLISHED_EPOCHS:
+            raise ValueError(f"convention epoch {self.epoch!r} is not one of {PUBLISHED_EPOCHS}")
+
+    def our_kind(self, selection: str) -> str | None:
+        """The epoch kind of ours measured the same way (analysis/runs.py), None when our runs have none."""
+        if self.epoch == "last":
+            return "last"
+        return "best_test_selected" if selection == "test" else None
 
 
 @dataclass(frozen=True)
@@ -113,65 +131,98 @@ class PaperComparison:
     reference: Table | None  # published numbers on the reference dataset, never set against our runs
 
 
-COLUMNS = ["Method", "Network", "Dataset", "Pair", "Convention", "Published", "Reproduced", "Δ (ours − paper)",
-           "Source / note"]
+COLUMNS = ["Method", "Network", "Dataset", "Pair", "Published: convention", "Published", "Ours: convention",
+           "Ours", "Δ (ours − paper)", "Source / note"]
 
 
-def paper_vs_reproduced(published: Published, aggregate: Aggregate, setup: Setup, labels: list[str],
-                        settings: AnalysisSettings) -> PaperComparison:
+def our_convention(kind: str, stat: Stat | None) -> str:
+    if stat is None:
+        return f"{EPOCH_LABELS[kind]}"
+    if stat.n == 1:
+        return f"{EPOCH_LABELS[kind]}, one seed"
+    return f"{EPOCH_LABELS[kind]}, mean ± std over {stat.n} seeds"
+
+
+def paper_vs_reproduced(published: Published, aggregate: Aggregate, setup: Setup, selection: str,
+                        labels: list[str], settings: AnalysisSettings) -> PaperComparison:
+    """``selection``: our runs' ("val" or "test"); it decides which published conventions we can meet."""
     rows: list[list[Cell]] = []
     numeric: list[dict[str, Any]] = []
+    best_kind = "best" if selection == "val" else "best_test_selected"
 
-    def add(label: str, network: str, dataset: str, pair: str, convention: str, published_cell: str,
-            reproduced: Stat | None, difference: float | None, note: str, status: str,
-            result: PublishedResult | None = None) -> None:
-        reproduced_cell = format_stat(reproduced, 2) + f" (n={reproduced.n})" if reproduced else NO_RUN
-        rows.append([Cell(settings.display_name(label)), Cell(network), Cell(dataset), Cell(pair), Cell(convention),
-                     Cell(published_cell), Cell(reproduced_cell),
+    def add(label: str, network: str, dataset: str, pair: str, published_convention: str, published_cell: str,
+            kind: str | None, reproduced: Stat | None, ours_cell: str, difference: float | None, note: str,
+            status: str, result: PublishedResult | None = None) -> None:
+        convention = our_convention(kind, reproduced) if kind else EPOCH_LABELS[best_kind]
+        rows.append([Cell(settings.display_name(label)), Cell(network), Cell(dataset), Cell(pair),
+                     Cell(published_convention), Cell(published_cell), Cell(convention), Cell(ours_cell),
                      Cell(f"{difference:+.2f}" if difference is not None else "—"), Cell(note)])
-        numeric.append({"label": label, "network": network, "dataset": dataset, "pair": pair, "convention": convention,
+        numeric.append({"label": label, "network": network, "dataset": dataset, "pair": pair,
+                        "published_convention": published_convention,
+                        "published_epoch": result.source.convention.epoch if result else None,
                         "published_top1": result.top1 if result else None,
                         "published_std": result.std if result else None,
                         "published_seeds": result.source.convention.seeds if result else None,
+                        "our_convention": convention, "our_epoch_kind": kind,
                         "reproduced_top1": reproduced.mean if reproduced else None,
                         "reproduced_std": reproduced.as_dict()["std"] if reproduced else None,
                         "reproduced_seeds": reproduced.n if reproduced else 0,
                         "difference": difference, "status": status, "source": note})
 
+    def ours_text(stat: Stat | None) -> str:
+        return f"{format_stat(stat, 2)} (n={stat.n})" if stat else NO_RUN
+
     matched = [result for result in published.results if result.matches(setup)]
     covered: set[tuple[str, str]] = set()
     for result in matched:
-        ours = _ours(aggregate, result.run, result.network, f"top1_{result.source.convention.epoch}")
+        convention = result.source.convention
         covered.add((result.run, result.network))
+        kind = convention.our_kind(selection)
+        has_run = result.run in labels and result.network in aggregate.networks(result.run)
+        if kind is None:
+            # Never beside a best epoch selected another way; the number is not even looked up.
+            add(result.run, result.network, result.dataset, result.pair, convention.description,
+                result.published_text(), None, None, NOT_COMPARABLE_TEXT if has_run else NO_RUN, None,
+                result.source.citation, NOT_COMPARABLE if has_run else NO_RUN, result)
+            continue
+        ours = _ours(aggregate, result.run, result.network, f"top1_{kind}")
         note = result.source.citation
-        if ours and ours.n != result.source.convention.seeds:
-            note += f"; ours: {ours.n} seed(s), the paper: {result.source.convention.seeds}"
-        add(result.run, result.network, result.dataset, result.pair, result.source.convention.description,
-            result.published_text(), ours, ours.mean - result.top1 if ours else None, note,
+        if ours and ours.n != convention.seeds:
+            note += f"; ours: {ours.n} seed(s), the paper: {convention.seeds}"
+        if ours and kind == "last" and selection == "val":
+            note += "; ours held a validation split out of the training set, the paper trained on all of it"
+        add(result.run, result.network, result.dataset, result.pair, convention.description,
+            result.published_text(), kind, ours, ours_text(ours), ours.mean - result.top1 if ours else None, note,
             "compared" if ours else NO_RUN, result)
 
     no_number = f"no published number for {setup.dataset}, {setup.pair}"
     for label in labels:
         if label in published.not_published:
             continue
-        for network in aggregate.networks(label):
+        for network in _networks(aggregate, label):
             if (label, network) not in covered:
-                add(label, network, setup.dataset, setup.pair, "best epoch (ours)", no_number,
-                    _ours(aggregate, label, network, "top1_best"), None, "", no_number)
+                ours = _ours(aggregate, label, network, f"top1_{best_kind}")
+                add(label, network, setup.dataset, setup.pair, "—", no_number, best_kind, ours, ours_text(ours),
+                    None, "", no_number)
 
     for label in settings.ordered(list(published.not_published)):
         reason = published.not_published[label]
-        networks = aggregate.networks(label) if label in labels else ["student"]
+        networks = _networks(aggregate, label) if label in labels else ["student"]
         for network in networks:
-            ours = _ours(aggregate, label, network, "top1_best")
-            add(label, network, setup.dataset, setup.pair, "best epoch (ours)", f"{NOT_PUBLISHED} ({reason.note})",
-                ours, None, reason.citation, NOT_PUBLISHED)
+            ours = _ours(aggregate, label, network, f"top1_{best_kind}")
+            add(label, network, setup.dataset, setup.pair, "—", f"{NOT_PUBLISHED} ({reason.note})", best_kind, ours,
+                ours_text(ours), None, reason.citation, NOT_PUBLISHED)
 
     table = Table("paper_vs_reproduced", "Paper vs reproduced (top-1 %, test)", "", COLUMNS, rows,
-                  pd.DataFrame(numeric), align="lllllrrrl")
+                  pd.DataFrame(numeric), align="lllllrlrrl")
     if matched:
-        statement = (f"Published numbers for {setup.describe()} are set beside ours at the paper's convention "
-                     f"(best or last epoch); Δ = ours − paper.")
+        statuses = [row["status"] for row in numeric]
+        statement = (f"Published numbers for {setup.describe()} are set beside ours measured the same way: a "
+                     f"paper's best epoch (chosen on test) beside our best epoch selected on test, a last epoch "
+                     f"beside our last; Δ = ours − paper. {statuses.count('compared')} compared, "
+                     f"{statuses.count(NOT_COMPARABLE)} not comparable")
+        statement += (" (our runs select their best epoch on validation; rerun with dataset.val_fraction=0 for "
+                      "the paper protocol)." if statuses.count(NOT_COMPARABLE) else ".")
         reference = None
     else:
         datasets = ", ".join(sorted({result.dataset for result in published.results}))
@@ -182,6 +233,11 @@ def paper_vs_reproduced(published: Published, aggregate: Aggregate, setup: Setup
         reference = _reference_table(published, labels, settings)
     table.caption = statement + " Methods whose papers' numbers were not available say \"not published\"."
     return PaperComparison(statement, table, reference)
+
+
+def _networks(aggregate: Aggregate, label: str) -> list[str]:
+    """The label's networks, without a frozen pre-trained teacher (the teacher row reports it)."""
+    return [network for network in aggregate.networks(label) if not aggregate.is_frozen_teacher(label, network)]
 
 
 def _ours(aggregate: Aggregate, label: str, network: str, quantity: str) -> Stat | None:

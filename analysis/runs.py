@@ -1,8 +1,18 @@
 """Reading the training runs: ``runs/<label>/seed<k>/{metrics.json, history.tsv, predictions.pt}``.
 
-``label`` is a method name, or ``teacher`` for the vanilla teacher. A run whose files are missing or
-malformed is left out (or, for the optional files, analysed without them) with a note that the report
-shows: bad input never stops the analysis silently and never becomes a number.
+``label`` is a registered method name (``teacher`` is the vanilla-teacher method). A run whose files are
+missing or malformed is left out (or, for the optional files, analysed without them) with a note that the
+report shows: bad input never stops the analysis silently and never becomes a number.
+
+Epoch kinds. A run's ``selection`` says how its best epoch was chosen, and metrics.json names the best
+epoch after it, so the two can never be read as one another:
+  ``best``                the best epoch, selected on validation top-1 (``selection: "val"``; a metrics.json
+                          without ``selection`` is of this kind, written before the paper protocol existed);
+  ``best_test_selected``  the best epoch, selected on TEST top-1: the papers' protocol, no validation split
+                          (``selection: "test"``, dataset.val_fraction = 0);
+  ``last``                the final epoch (every run).
+The two selections also train on different data (a validation split is held out of the training set or
+not), so one analysis holds runs of one selection only: the other runs are left out, by name.
 """
 
 from __future__ import annotations
@@ -15,7 +25,15 @@ from typing import Any
 
 import pandas as pd
 
-EPOCH_KINDS = ("best", "last")
+EPOCH_KINDS = ("best", "best_test_selected", "last")
+BEST_KIND = {"val": "best", "test": "best_test_selected"}  # selection -> metrics.json key of its best epoch
+EPOCH_LABELS = {"best": "best epoch, selected on validation",
+                "best_test_selected": "best epoch, selected on test (paper protocol)",
+                "last": "last epoch"}
+EPOCH_SHORT = {"best": "best (val-selected)", "best_test_selected": "best (test-selected)", "last": "last"}
+PROTOCOLS = {"val": "validation split held out of the training set; best epoch selected on validation top-1",
+             "test": "paper protocol: no validation split (dataset.val_fraction = 0); best epoch selected on "
+                     "test top-1"}
 
 
 class AnalysisError(Exception):
@@ -51,6 +69,18 @@ class Run:
         return Setup(self.metrics["dataset"], self.metrics["teacher"], self.metrics["student"])
 
     @property
+    def selection(self) -> str:
+        return str(self.metrics.get("selection", "val"))
+
+    @property
+    def best_kind(self) -> str:
+        return BEST_KIND[self.selection]
+
+    @property
+    def epoch_kinds(self) -> tuple[str, str]:
+        return self.best_kind, "last"
+
+    @property
     def networks(self) -> list[str]:
         return list(self.metrics["networks"])
 
@@ -59,7 +89,7 @@ class Run:
         return self.path / "predictions.pt"
 
     def test_metrics(self, epoch_kind: str, network: str) -> dict[str, float]:
-        """Test-split numbers of ``network`` at the best (chosen on validation) or last epoch."""
+        """Test-split numbers of ``network`` at an epoch kind of this run (``epoch_kinds``)."""
         return self.metrics[epoch_kind]["test"].get(network, {})
 
 
@@ -67,7 +97,16 @@ class Run:
 class RunSet:
     runs: list[Run]
     setup: Setup
+    selection: str  # every run's: "val" or "test"
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def best_kind(self) -> str:
+        return BEST_KIND[self.selection]
+
+    @property
+    def has_validation(self) -> bool:
+        return self.selection == "val"
 
     @property
     def labels(self) -> set[str]:
@@ -77,7 +116,9 @@ class RunSet:
         return sorted((run for run in self.runs if run.label == label), key=lambda run: run.seed)
 
 
-def load_runs(root: Path) -> RunSet:
+def load_runs(root: Path, preferred_selection: str = "val") -> RunSet:
+    """Every finished run under ``root`` of the most common setup and selection (``preferred_selection``,
+    the one params.yaml configures, wins a tie)."""
     if not root.is_dir():
         raise AnalysisError(f"runs directory {root} not found: train first (`dvc repro`), or pass --runs PATH")
     runs: list[Run] = []
@@ -89,7 +130,7 @@ def load_runs(root: Path) -> RunSet:
     if not runs:
         raise AnalysisError(f"no finished run under {root}: expected {root}/<method>/seed<k>/metrics.json "
                             f"(written at the end of `python -m reproduce train`)")
-    return _keep_one_setup(runs, notes)
+    return _keep_one_setup(runs, notes, preferred_selection)
 
 
 def _load_run(run_dir: Path, notes: list[str]) -> Run | None:
@@ -118,12 +159,21 @@ def _load_run(run_dir: Path, notes: list[str]) -> Run | None:
 def _metrics_problem(metrics: Any) -> str | None:
     if not isinstance(metrics, dict):
         return "is not a JSON object"
-    missing = [key for key in ("method", "seed", "dataset", "teacher", "student", "networks", *EPOCH_KINDS)
+    selection = metrics.get("selection", "val")
+    if selection not in BEST_KIND:
+        return f"has selection {selection!r} (expected \"val\" or \"test\")"
+    kinds = (BEST_KIND[selection], "last")
+    missing = [key for key in ("method", "seed", "dataset", "teacher", "student", "networks", *kinds)
                if key not in metrics]
     if missing:
-        return f"lacks {', '.join(missing)}"
-    for kind in EPOCH_KINDS:
-        if not isinstance(metrics[kind], dict) or "test" not in metrics[kind] or "epoch" not in metrics[kind]:
+        return f"lacks {', '.join(missing)} (selection {selection!r})"
+    other = next(kind for value, kind in BEST_KIND.items() if value != selection)
+    if other in metrics:
+        # A best epoch under the other selection's name could be read as the wrong kind of number.
+        return f"has selection {selection!r} but also a {other!r} entry (contradictory)"
+    for kind in kinds:
+        if not isinstance(metrics[kind], dict) or not isinstance(metrics[kind].get("test"), dict) \
+                or "epoch" not in metrics[kind]:
             return f"has no {kind}.epoch / {kind}.test"
     return None
 
@@ -144,13 +194,22 @@ def _load_history(run_dir: Path, notes: list[str]) -> pd.DataFrame | None:
     return history
 
 
-def _keep_one_setup(runs: list[Run], notes: list[str]) -> RunSet:
-    """Tables average over seeds, so every run must share one dataset and one pair; the most common
-    setup wins and the others are left out, by name."""
+def _keep_one_setup(runs: list[Run], notes: list[str], preferred_selection: str) -> RunSet:
+    """Tables average over seeds and compare methods, so every run must share one dataset, one pair and
+    one selection (the selections differ in the training data and in the meaning of "best"); the most
+    common setup, then the most common selection, wins and the others are left out, by name."""
     counts = Counter(run.setup for run in runs)
     setup = counts.most_common(1)[0][0]
     for run in runs:
         if run.setup != setup:
             notes.append(f"{run.path}: trained on {run.setup.describe()}, the other runs on {setup.describe()}: "
                          f"left out (numbers from different setups are never averaged)")
-    return RunSet([run for run in runs if run.setup == setup], setup, notes)
+    kept = [run for run in runs if run.setup == setup]
+    selections = Counter(run.selection for run in kept)
+    selection = max(selections, key=lambda value: (selections[value], value == preferred_selection))
+    for run in kept:
+        if run.selection != selection:
+            notes.append(f"{run.path}: selection {run.selection!r} ({PROTOCOLS[run.selection]}), the other runs "
+                         f"{selection!r}: left out (a different training set and a different best epoch; rerun "
+                         f"it with the other runs' dataset.val_fraction)")
+    return RunSet([run for run in kept if run.selection == selection], setup, selection, notes)

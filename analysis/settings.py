@@ -1,4 +1,8 @@
-"""The ``analysis`` section of params.yaml, validated with errors that name the key."""
+"""The ``analysis`` section of params.yaml, validated with errors that name the key.
+
+Method names and row order come from the method registry (analysis/registry.py); ``names`` and
+``order`` here are optional user overrides, empty by default.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from analysis import registry
 from reproduce.config import ConfigError, build_dataclass
-
-DEFAULT_ORDER = ["teacher", "vanilla", "kd", "dkd", "dml", "bdkd", "aekt", "switokd", "sokd", "r2kd"]
-DEFAULT_NAMES = {"teacher": "Teacher (vanilla)", "vanilla": "Vanilla student", "kd": "KD", "dkd": "DKD",
-                 "dml": "DML", "bdkd": "BD-KD", "aekt": "AEKT", "switokd": "SwitOKD", "sokd": "SOKD",
-                 "r2kd": "R2KD", "kdcl": "KDCL"}
 
 
 @dataclass
 class AnalysisSettings:
     n_bins: int = 15  # equal-width calibration bins (and the reliability diagrams' bars)
-    # Row order of every table and figure: run labels (runs/<label>/); labels not listed follow, sorted.
-    order: list[str] = field(default_factory=lambda: list(DEFAULT_ORDER))
-    names: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_NAMES))  # label -> display name
+    # Overrides of the registry: run labels listed here come first, in this order; the rest follow by the
+    # registry's row_order, then by label.
+    order: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # label -> display name, over the registry's
     # Relative paths are read from the directory that holds params.yaml (the project root).
     published_results: str = "analysis/published_results.yaml"
     # Where the papers' main tables live: listed for reference when no published number matches our runs.
@@ -34,13 +35,16 @@ class AnalysisSettings:
             raise ConfigError(f"analysis.png_dpi: must be at least 50, got {self.png_dpi}")
         if self.grid_columns < 1:
             raise ConfigError(f"analysis.grid_columns: must be at least 1, got {self.grid_columns}")
+        if len(set(self.order)) != len(self.order):
+            raise ConfigError(f"analysis.order: lists a label twice: {self.order}")
 
     def display_name(self, label: str) -> str:
-        return self.names.get(label, label)
+        return self.names.get(label) or registry.display_name(label)
 
     def ordered(self, labels: set[str] | list[str]) -> list[str]:
-        present = set(labels)
-        return [label for label in self.order if label in present] + sorted(present - set(self.order))
+        position = {label: index for index, label in enumerate(self.order)}
+        return sorted(set(labels), key=lambda label: (position.get(label, len(position)),
+                                                      registry.row_order(label), label))
 
     def published_path(self, params_path: Path) -> Path:
         path = Path(self.published_results)

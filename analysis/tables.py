@@ -1,5 +1,10 @@
 """Tables: one model (header, rows of cells, bold flags) rendered as Markdown, LaTeX (booktabs) and HTML,
-plus the numeric CSV beside each. Builders for the method comparison and the calibration table."""
+plus the numeric CSV beside each. Builders for the method comparison and the calibration table.
+
+Every column names its epoch kind (analysis/runs.py: best selected on validation, best selected on test,
+last); ECE, MCE and adaptive ECE are in percent everywhere ("ECE (%)"), the mean over seeds of each seed's
+value. The frozen pre-trained teacher that every offline method evaluates inside its run is the teacher
+row's network: it is shown there once, never per method and never bold."""
 
 from __future__ import annotations
 
@@ -9,12 +14,19 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from analysis.aggregate import Aggregate, Stat
+from analysis.aggregate import CONFIDENCE, Aggregate, Difference, Stat
+from analysis.calibration import T_MAX, T_MIN
+from analysis.runs import EPOCH_LABELS, EPOCH_SHORT
 from analysis.settings import AnalysisSettings
+from reproduce.metrics import DEFAULT_BINS
 
 WRAP_AFTER_CHARACTERS = 40  # HTML cells longer than this (notes, citations) may wrap; numbers never do
 NOT_APPLICABLE = "—"  # the row has no such network (a vanilla student has no teacher)
 MISSING = "missing"  # the network exists but this number could not be computed (see the notes)
+FROZEN = "frozen (Teacher row)"  # an offline method's pre-trained teacher: the teacher row's network
+NO_TS = "n/a (no val split)"  # temperature scaling needs a validation split; never fitted on test
+REFERENCE = "reference"
+VANILLA = "vanilla"  # the run label every student is compared with
 
 LATEX_REPLACEMENTS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                       "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
@@ -105,6 +117,7 @@ class Measure:
     quantity: str  # record column (analysis/aggregate.py)
     scale: float = 1.0  # 100 shows a fraction as a percentage
     digits: int = 2
+    needs_validation: bool = False  # temperature scaling: "n/a" without a validation split
 
     @property
     def key(self) -> str:
@@ -121,51 +134,119 @@ class Column(Measure):
         return f"{self.network}_{super().key}"
 
 
-COMPARISON_COLUMNS = [
-    Column(header="Teacher top-1 best", network="teacher", quantity="top1_best", better="max"),
-    Column(header="Teacher top-1 last", network="teacher", quantity="top1_last", better="max"),
-    Column(header="Student top-1 best", network="student", quantity="top1_best", better="max"),
-    Column(header="Student top-1 last", network="student", quantity="top1_last", better="max"),
-    Column(header="Student ECE %", network="student", quantity="ece_best", better="min", scale=100),
-    Column(header="Student ECE % after TS", network="student", quantity="ece_ts", better="min", scale=100),
-    Column(header="Student NLL", network="student", quantity="nll_best", better="min", digits=3),
-    Column(header="Student Brier", network="student", quantity="brier_best", better="min", digits=3),
-]
+@dataclass(frozen=True, kw_only=True)
+class DeltaColumn:
+    """The student's top-1 minus the vanilla student's, in percentage points, with its interval."""
 
-COMPARISON_CAPTION = (
-    "Test set, mean ± sample std (n − 1) over seeds. Best = the epoch chosen on validation top-1 (as each "
-    "run's metrics.json records it), reported on test; last = the final epoch. ECE, NLL and Brier at the best "
-    "epoch; ECE with {n_bins} equal-width bins (lo, hi]. TS: temperature scaling fitted on the validation logits "
-    "(never test) and applied to test. Bold: best per column (highest accuracy, lowest ECE/NLL/Brier). "
-    "— : the run has no such network.")
+    header: str
+    quantity: str
+    network: str = "student"
+
+    @property
+    def key(self) -> str:
+        return f"{self.network}_{self.quantity}_vs_{VANILLA}"
 
 
-def comparison_table(aggregate: Aggregate, labels: list[str], settings: AnalysisSettings) -> Table:
+def comparison_columns(best_kind: str) -> list[Column | DeltaColumn]:
+    best = EPOCH_SHORT[best_kind]
+    return [
+        Column(header=f"Teacher top-1, {best}", network="teacher", quantity=f"top1_{best_kind}", better="max"),
+        Column(header="Teacher top-1, last", network="teacher", quantity="top1_last", better="max"),
+        Column(header=f"Student top-1, {best}", network="student", quantity=f"top1_{best_kind}", better="max"),
+        Column(header="Student top-1, last", network="student", quantity="top1_last", better="max"),
+        DeltaColumn(header=f"Δ student top-1 vs vanilla, {best} (pp, {CONFIDENCE:.0%} CI)",
+                    quantity=f"top1_{best_kind}"),
+        Column(header="Student ECE (%)", network="student", quantity=f"ece_{best_kind}", better="min", scale=100),
+        Column(header="Student ECE (%) after TS", network="student", quantity="ece_ts", better="min", scale=100,
+               needs_validation=True),
+        Column(header="Student NLL", network="student", quantity=f"nll_{best_kind}", better="min", digits=3),
+        Column(header="Student Brier", network="student", quantity=f"brier_{best_kind}", better="min", digits=3),
+    ]
+
+
+def ts_statement(has_validation: bool) -> str:
+    if has_validation:
+        return (f"TS: temperature scaling, T fitted on the validation logits of the same epoch (never on test), "
+                f"bounded to [{T_MIN:g}, {T_MAX:g}], applied to test.")
+    return ("TS: not available (n/a): these runs have no validation split (paper protocol, dataset.val_fraction "
+            "= 0), and temperature scaling is never fitted on the test set.")
+
+
+def comparison_caption(best_kind: str, has_validation: bool) -> str:
+    best = EPOCH_SHORT[best_kind]
+    return (f"Test set, mean ± sample std (n − 1) over seeds. {best}: the {EPOCH_LABELS[best_kind]}; last: the "
+            f"last epoch. ECE (%), NLL and Brier at the {EPOCH_LABELS[best_kind]}; ECE (%): {DEFAULT_BINS} "
+            f"equal-width bins (lo, hi], the mean over seeds of each seed's ECE, in percent. Δ vs vanilla: "
+            f"student top-1 minus the vanilla student's, in percentage points, [{CONFIDENCE:.0%} Welch t interval] "
+            f"over the seeds of the two methods (unequal variances; n/a with one seed on either side). "
+            f"{ts_statement(has_validation)} {FROZEN}: the pre-trained teacher an offline method distils from "
+            f"is the teacher run's network, the same in every offline run: shown once, in the Teacher (vanilla) "
+            f"row, never bold. Bold: best per column (highest accuracy, lowest ECE/NLL/Brier). — : the run has no "
+            f"such network.")
+
+
+def _cell_state(aggregate: Aggregate, label: str, column: Measure, network: str, has_validation: bool) -> str:
+    """"value", or why the cell holds no number."""
+    if network not in aggregate.networks(label):
+        return NOT_APPLICABLE
+    if aggregate.is_frozen_teacher(label, network):
+        return FROZEN
+    if column.needs_validation and not has_validation:
+        return NO_TS
+    return "value"
+
+
+def comparison_table(aggregate: Aggregate, labels: list[str], settings: AnalysisSettings, best_kind: str,
+                     has_validation: bool) -> Table:
+    columns = comparison_columns(best_kind)
     seeds = {label: len(aggregate.seeds(label)) for label in labels}
+    plain = [column for column in columns if isinstance(column, Column)]
+    state = {(label, column): _cell_state(aggregate, label, column, column.network, has_validation)
+             for label in labels for column in plain}
     stats = {(label, column): aggregate.stat(label, column.network, column.quantity)
-             if column.network in aggregate.networks(label) else None
-             for label in labels for column in COMPARISON_COLUMNS}
-    best = {column: _best_labels(column, {label: stats[label, column] for label in labels})
-            for column in COMPARISON_COLUMNS}
+             if state[label, column] == "value" else None for label in labels for column in plain}
+    best = {column: _best_labels(column, {label: stats[label, column] for label in labels}) for column in plain}
 
     rows, numeric = [], []
     for label in labels:
         cells = [Cell(settings.display_name(label))]
-        values: dict[str, object] = {"label": label, "method": settings.display_name(label), "seeds": seeds[label]}
-        for column in COMPARISON_COLUMNS:
+        values: dict[str, object] = {"label": label, "method": settings.display_name(label), "seeds": seeds[label],
+                                     "best_epoch_kind": best_kind}
+        for column in columns:
+            if isinstance(column, DeltaColumn):
+                text, difference = _delta_cell(aggregate, label, column, labels)
+                cells.append(Cell(text))
+                values.update({column.key: difference.estimate if difference else None,
+                               f"{column.key}_ci_low": difference.low if difference else None,
+                               f"{column.key}_ci_high": difference.high if difference else None,
+                               f"{column.key}_df": difference.df if difference else None})
+                continue
             stat = stats[label, column]
-            applicable = column.network in aggregate.networks(label)
-            text = format_stat(stat, column.digits, column.scale, seeds[label]) if applicable else NOT_APPLICABLE
+            cell_state = state[label, column]
+            text = format_stat(stat, column.digits, column.scale, seeds[label]) if cell_state == "value" else cell_state
             cells.append(Cell(text, bold=label in best[column]))
             values.update({f"{column.key}_mean": stat.mean * column.scale if stat else None,
                            f"{column.key}_std": _scaled_std(stat, column.scale),
                            f"{column.key}_n": stat.n if stat else 0,
-                           f"{column.key}_is_best": label in best[column]})
+                           f"{column.key}_is_best": label in best[column],
+                           f"{column.key}_frozen": cell_state == FROZEN})
         cells.append(Cell(str(seeds[label])))
         rows.append(cells)
         numeric.append(values)
-    return Table("comparison", "Methods compared", COMPARISON_CAPTION.format(n_bins=settings.n_bins),
-                 ["Method", *(column.header for column in COMPARISON_COLUMNS), "Seeds"], rows, pd.DataFrame(numeric))
+    return Table("comparison", "Methods compared", comparison_caption(best_kind, has_validation),
+                 ["Method", *(column.header for column in columns), "Seeds"], rows, pd.DataFrame(numeric))
+
+
+def _delta_cell(aggregate: Aggregate, label: str, column: DeltaColumn, labels: list[str]
+                ) -> tuple[str, Difference | None]:
+    if column.network not in aggregate.networks(label):
+        return NOT_APPLICABLE, None
+    if label == VANILLA:
+        return REFERENCE, None
+    if VANILLA not in labels:
+        return "no vanilla run", None
+    difference = aggregate.difference(label, VANILLA, column.network, column.quantity)
+    return (difference.text(2), difference) if difference else (MISSING, None)
 
 
 def _best_labels(column: Column, stats: dict[str, Stat | None]) -> set[str]:
@@ -184,39 +265,56 @@ def _scaled_std(stat: Stat | None, scale: float) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # Calibration of every network, before and after temperature scaling
 
-CALIBRATION_MEASURES = [
-    Measure(header="Top-1 best", quantity="top1_best"),
-    Measure(header="T", quantity="temperature"),
-    Measure(header="ECE %", quantity="ece_best", scale=100),
-    Measure(header="ECE % TS", quantity="ece_ts", scale=100),
-    Measure(header="aECE %", quantity="adaptive_ece_best", scale=100),
-    Measure(header="aECE % TS", quantity="adaptive_ece_ts", scale=100),
-    Measure(header="MCE %", quantity="mce_best", scale=100),
-    Measure(header="MCE % TS", quantity="mce_ts", scale=100),
-    Measure(header="NLL", quantity="nll_best", digits=3),
-    Measure(header="NLL TS", quantity="nll_ts", digits=3),
-    Measure(header="Brier", quantity="brier_best", digits=3),
-    Measure(header="Brier TS", quantity="brier_ts", digits=3),
-]
 
-CALIBRATION_CAPTION = (
-    "Every evaluated network, test set at the best epoch, mean ± sample std over seeds. ECE/MCE: {n_bins} "
-    "equal-width bins (lo, hi] on the top-label confidence; aECE: {n_bins} equal-mass bins. T: the temperature "
-    "fitted on the validation logits of the same epoch (T > 1 softens an over-confident network); "
-    "TS columns: the test numbers after dividing the logits by T. Accuracy is unchanged by TS.")
+def calibration_measures(best_kind: str) -> list[Measure]:
+    return [
+        Measure(header=f"Top-1, {EPOCH_SHORT[best_kind]}", quantity=f"top1_{best_kind}"),
+        Measure(header="T", quantity="temperature", needs_validation=True),
+        Measure(header="ECE (%)", quantity=f"ece_{best_kind}", scale=100),
+        Measure(header="ECE (%) TS", quantity="ece_ts", scale=100, needs_validation=True),
+        Measure(header="aECE (%)", quantity=f"adaptive_ece_{best_kind}", scale=100),
+        Measure(header="aECE (%) TS", quantity="adaptive_ece_ts", scale=100, needs_validation=True),
+        Measure(header="MCE (%)", quantity=f"mce_{best_kind}", scale=100),
+        Measure(header="MCE (%) TS", quantity="mce_ts", scale=100, needs_validation=True),
+        Measure(header="NLL", quantity=f"nll_{best_kind}", digits=3),
+        Measure(header="NLL TS", quantity="nll_ts", digits=3, needs_validation=True),
+        Measure(header="Brier", quantity=f"brier_{best_kind}", digits=3),
+        Measure(header="Brier TS", quantity="brier_ts", digits=3, needs_validation=True),
+    ]
 
 
-def calibration_table(aggregate: Aggregate, labels: list[str], settings: AnalysisSettings) -> Table:
+def calibration_caption(best_kind: str, has_validation: bool, n_bins: int) -> str:
+    return (f"Every evaluated network, test set at the {EPOCH_LABELS[best_kind]}, mean ± sample std over seeds "
+            f"(each seed's value, then the mean). ECE/MCE (%): {DEFAULT_BINS} equal-width bins (lo, hi] on the "
+            f"top-label confidence (metrics.json); aECE (%): {n_bins} equal-mass bins. {ts_statement(has_validation)} "
+            f"T > 1 softens an over-confident network; \"at bound\": the fit reached the bound in that many seeds "
+            f"(see the warnings). TS columns: the test numbers after dividing the logits by T; accuracy is "
+            f"unchanged by TS. An offline method's frozen teacher is the Teacher (vanilla) row's network and is "
+            f"listed there only.")
+
+
+def calibration_table(aggregate: Aggregate, labels: list[str], settings: AnalysisSettings, best_kind: str,
+                      has_validation: bool) -> Table:
+    measures = calibration_measures(best_kind)
     rows, numeric = [], []
     for label in labels:
         seeds = len(aggregate.seeds(label))
         for network in aggregate.networks(label):
+            if aggregate.is_frozen_teacher(label, network):
+                continue
             cells = [Cell(settings.display_name(label)), Cell(network)]
             values: dict[str, object] = {"label": label, "method": settings.display_name(label),
-                                         "network": network, "seeds": seeds}
-            for measure in CALIBRATION_MEASURES:
-                stat = aggregate.stat(label, network, measure.quantity)
-                cells.append(Cell(format_stat(stat, measure.digits, measure.scale, seeds)))
+                                         "network": network, "seeds": seeds, "best_epoch_kind": best_kind}
+            for measure in measures:
+                available = has_validation or not measure.needs_validation
+                stat = aggregate.stat(label, network, measure.quantity) if available else None
+                text = format_stat(stat, measure.digits, measure.scale, seeds) if available else NO_TS
+                if measure.quantity == "temperature" and stat is not None:
+                    bounded = aggregate.values(label, network, "temperature_at_bound")
+                    if any(bounded):
+                        text += f" (at bound: {int(sum(bounded))}/{len(bounded)})"
+                    values["temperature_at_bound_n"] = int(sum(bounded))
+                cells.append(Cell(text))
                 values.update({f"{measure.key}_mean": stat.mean * measure.scale if stat else None,
                                f"{measure.key}_std": _scaled_std(stat, measure.scale),
                                f"{measure.key}_n": stat.n if stat else 0})
@@ -224,6 +322,6 @@ def calibration_table(aggregate: Aggregate, labels: list[str], settings: Analysi
             rows.append(cells)
             numeric.append(values)
     return Table("calibration", "Calibration before and after temperature scaling",
-                 CALIBRATION_CAPTION.format(n_bins=settings.n_bins),
-                 ["Method", "Network", *(measure.header for measure in CALIBRATION_MEASURES), "Seeds"], rows,
-                 pd.DataFrame(numeric), align="ll" + "r" * (len(CALIBRATION_MEASURES) + 1))
+                 calibration_caption(best_kind, has_validation, settings.n_bins),
+                 ["Method", "Network", *(measure.header for measure in measures), "Seeds"], rows,
+                 pd.DataFrame(numeric), align="ll" + "r" * (len(measures) + 1))

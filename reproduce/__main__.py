@@ -28,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--no-verify-md5", action="store_true", help="skip the md5 check of raw files")
 
     train = commands.add_parser("train", help="train one method with one seed (an ad-hoc run, kept apart from "
-                                              "the pipeline's runs: runs/adhoc/<method>/seed<k>)")
+                                              "the pipeline's runs: runs-adhoc/<method>/seed<k>)")
     _common(train)
     train.add_argument("--method", required=True, help="method name (python -m reproduce methods lists them)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--params-from", type=Path, default=None,
                        help="YAML overlay merged into the parameters, e.g. sweeps/results/bdkd/best_params.yaml")
-    train.add_argument("--out", type=Path, default=None, help="run directory (default: runs/adhoc/<method>/seed<k>)")
+    train.add_argument("--out", type=Path, default=None, help="run directory (default: runs-adhoc/<method>/seed<k>)")
     _resume_options(train)
 
     stage = commands.add_parser("stage", help="the DVC stage of one method: every seed of pipeline.seeds into "
@@ -95,7 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = load_config(args.params, args.overrides, extra=extra)
     from reproduce.engine import RunSpec, train
 
-    spec = RunSpec.default(args.method, args.seed, runs_root="runs/adhoc", checkpoints_root="checkpoints/adhoc")
+    spec = RunSpec.default(args.method, args.seed, runs_root="runs-adhoc", checkpoints_root="checkpoints/adhoc")
     if args.out:
         spec = RunSpec(args.method, args.seed, args.out, Path("checkpoints") / "adhoc" / args.out.name)
     summary = train(config, spec, resume=args.resume, stop_after_epoch=args.stop_after_epoch, track=not args.no_track)
@@ -142,7 +142,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 def run_recipe(args: argparse.Namespace) -> int:
     """Prepare the data, train the teacher if an offline method needs one, then every method x seed.
 
-    Runs land in runs/papers/<recipe>/ (analyse them with `python -m analysis --runs runs/papers/<recipe>`);
+    Runs land in runs-papers/<recipe>/ (analyse them with `python -m analysis --runs runs-papers/<recipe>`);
     rerunning the command resumes unfinished runs and skips finished ones."""
     from reproduce.data.prepare import prepare
     from reproduce.methods import get_method
@@ -152,7 +152,7 @@ def run_recipe(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.recipe}: no such recipe; available: "
                                 f"{', '.join(sorted(str(p) for p in Path('configs/papers').glob('*.yaml')))}")
     overlay = yaml.safe_load(args.recipe.read_text()) or {}
-    runs_root, checkpoints_root = Path("runs/papers") / args.recipe.stem, Path("checkpoints/papers") / args.recipe.stem
+    runs_root, checkpoints_root = Path("runs-papers") / args.recipe.stem, Path("checkpoints/papers") / args.recipe.stem
     overlay.setdefault("teacher", {})["runs_root"] = str(runs_root / "teacher")
     overlay.setdefault("tracking", {})["group"] = f"paper-{args.recipe.stem}"
     config = load_config(args.params, args.overrides, extra=overlay)

@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from reproduce import models
+from reproduce import distributed, models
 from reproduce.config import Config, ConfigError, OptimizerConfig, RecipeConfig, RuntimeConfig, ScheduleConfig
 from reproduce.data.loader import Batches, make_loaders
 from reproduce.data.prepare import load_prepared
@@ -102,10 +101,10 @@ def resolve_runtime(config: RuntimeConfig) -> Runtime:
                                 ("compile", config.compile, switches)):
         if value not in allowed:
             raise ConfigError(f"runtime.{key}: {value!r} is not one of {', '.join(allowed)}")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(device)
+    if world_size > 1:
+        if cuda and device.index is None:  # runtime.device=cuda under torchrun: this rank's GPU, not GPU 0
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        distributed.init_process_group(device, config.ddp_timeout_s)
     return Runtime(device, amp[config.amp], switches[config.channels_last], switches[config.compile], rank, world_size)
 
 
@@ -164,8 +163,8 @@ def make_networks(config: Config, num_classes: int, in_channels: int, device: to
         if not path.exists():
             raise FileNotFoundError(
                 f"teacher weights not found at {path}. Offline methods distil from the trained teacher: run "
-                f"`dvc repro train_teacher` or `python -m reproduce train --method vanilla --network teacher "
-                f"--seed {config.teacher.seed}` first.")
+                f"`dvc repro train@teacher` (or `python -m reproduce stage --method teacher`) first, or point "
+                f"teacher.runs_root at a folder holding seed{config.teacher.seed}/final.pt.")
         saved = load_state(path, "teacher checkpoint", "retrain the teacher (`dvc repro train@teacher`) or point "
                                                        "teacher.runs_root at a good one")
         if saved["models"]["teacher"] != config.models.teacher:
@@ -253,14 +252,15 @@ def train_step(method: Method, optimizers: dict[str, torch.optim.Optimizer], x: 
         optimizer.zero_grad(set_to_none=True)
     with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
                         enabled=runtime.amp_dtype is not None):
-        step = method.step(x, y, epoch)
+        with distributed.role_wrappers(method):  # under DDP the forward arms each role's gradient all-reduce
+            step = method.step(x, y, epoch)
     _check_finite(step, method, epoch, index)
     update = _roles_to_update(step.update, optimizers, runtime)
     total = sum(sum(step.losses[role].values()) for role in update if role in step.losses)
     if torch.is_tensor(total):  # zero when no role trains this step
         total.backward()
     if runtime.world_size > 1:
-        _average_gradients([optimizers[role] for role in update], runtime.world_size)
+        distributed.after_backward(method, update)  # the roles DDP could not reduce during the backward
     for role in update:
         optimizers[role].step()
     return step
@@ -276,7 +276,7 @@ def _check_finite(step: Step, method: Method, epoch: int, index: int | None) -> 
     role, term, value = next((r, t, v) for r, t, v in terms if not bool(v.detach().float().isfinite()))
     where = f"epoch {epoch}" + (f", step {index + 1}" if index is not None else "")
     raise DivergedError(f"training diverged at {where}: method {method.name}, role {role}, loss term {term!r} is "
-                        f"{float(value)}. Lower the learning rate (recipe.optimizer.lr or recipe.roles.{role}.lr), "
+                        f"{float(value.detach())}. Lower the learning rate (recipe.optimizer.lr or recipe.roles.{role}.lr), "
                         f"or the method's coefficients; the last good checkpoint is kept")
 
 
@@ -320,22 +320,10 @@ def _roles_to_update(requested: frozenset[str] | None, optimizers: dict[str, Any
     unknown = set(roles) - set(optimizers)
     if unknown:
         raise KeyError(f"step asked to update unknown roles {sorted(unknown)}; roles are {sorted(optimizers)}")
-    if runtime.world_size > 1 and requested is not None:
-        # Ranks must agree on who steps or the gradient all-reduce deadlocks: a role steps if any rank asks.
-        mask = torch.tensor([role in requested for role in sorted(optimizers)], dtype=torch.int32, device=runtime.device)
-        dist.all_reduce(mask, op=dist.ReduceOp.MAX)
-        roles = [role for role, flag in zip(sorted(optimizers), mask.tolist()) if flag]
+    if runtime.world_size > 1:
+        # A role backwarded on some ranks only would leave them waiting in DDP's all-reduce: fail on all at once.
+        distributed.check_same_roles(roles, sorted(optimizers), runtime.device)
     return roles
-
-
-def _average_gradients(optimizers: list[torch.optim.Optimizer], world_size: int) -> None:
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                dist.all_reduce(param.grad)
-                param.grad /= world_size
 
 
 def _accumulate(sums: dict[str, Any], counts: dict[str, int], key: str, value: Tensor | float) -> None:
@@ -450,6 +438,7 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
         method.to(memory_format=torch.channels_last)
     optimizers = {role: make_optimizer(module, config.recipe.optimizer_for(role))
                   for role, module in method.roles().items()}
+    distributed.wrap_roles(method, runtime, config.runtime)  # torchrun: one DDP per role (reproduce/distributed.py)
 
     state = load_checkpoint(spec, config, resume)
     history: list[dict[str, float]] = []

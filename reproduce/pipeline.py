@@ -33,8 +33,6 @@ REGISTRY_FILE = Path("registry.yaml")
 DVCLIVE_ROOT = Path("dvclive")
 HEADER = ("# Generated from the method registry (reproduce/methods/) by `python -m reproduce pipeline`,\n"
           "# which `make repro` runs first. Do not edit: add a method file and rerun the command.\n")
-# Per-epoch curves that `dvc plots show` draws (dvc.yaml's top-level plots), one series per method.
-CURVES = (("student", "test_top1"), ("student", "test_ece_pct"), ("student", "train_loss"), ("teacher", "test_top1"))
 
 
 def method_lists(only: list[str] | None = None) -> dict[str, Any]:
@@ -45,19 +43,14 @@ def method_lists(only: list[str] | None = None) -> dict[str, Any]:
     if only is not None and len(methods) != len(set(only)):
         known = {cls.name for cls in registered()}
         raise ConfigError(f"unknown method(s) {sorted(set(only) - known)}; registered: {', '.join(sorted(known))}")
-    curves = {f"{network}_{metric}": {f"{DVCLIVE_ROOT}/{cls.name}/plots/metrics/{network}/{metric}.tsv": metric
-                                      for cls in methods if network in trained_networks(cls)}
-              for network, metric in CURVES}
     swept = [cls.name for cls in methods if cls.search_space]
     return {"registry": {
         "standalone": [cls.name for cls in methods if not cls.uses_pretrained_teacher],
         "distill": [cls.name for cls in methods if cls.uses_pretrained_teacher],
         "sweep": swept,
-        # The analysis reads every method's runs and sweep results, and nothing else under runs/
-        # (ad-hoc and paper-recipe runs live there too).
-        "analysis_deps": ["analysis", "reproduce"] + [f"runs/{cls.name}" for cls in methods]
-                         + [f"sweeps/results/{name}" for name in swept],
-        "curves": curves,
+        # The series of dvc.yaml's curated plots (reports/plots/*.tsv, a column per method).
+        "plot_columns": {network: [cls.name for cls in methods if network in trained_networks(cls)]
+                         for network in ("student", "teacher")},
     }}
 
 
@@ -128,25 +121,14 @@ def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), ch
         spec = RunSpec(method, seed, runs_root / method / f"seed{seed}", checkpoints_root / method / f"seed{seed}")
         summaries.append(train(config, spec, resume=resume, track=track))
         print(f"[{method}] seed {seed}: {headline_line(summaries[-1])}", flush=True)
-    study = run_study(config, method, track) if sweep and cls.search_space else None
+    study = None
+    if sweep and cls.search_space:
+        from sweeps.study import run_study
+
+        study = run_study(config, method, track=track)
     histories = [_read_history(runs_root / method / f"seed{seed}" / "history.tsv") for seed in config.pipeline.seeds]
     write_live(live_root / method, cls, summaries, histories, config, study)
     return {"method": method, "seeds": config.pipeline.seeds, "headline": headline(cls, summaries)}
-
-
-def run_study(config: Config, method: str, track: bool) -> dict[str, Any] | None:
-    """The method's Optuna study (sweeps/): its missing trials, then its results; the summary's best trial."""
-    from sweeps.report import write_results
-    from sweeps.study import plan_job, run_sweep
-
-    job = plan_job(config, method, track=track)
-    if job is None:
-        return None
-    study, crashed = run_sweep(job)
-    summary = write_results(study, job.method, job.config, storage_url=job.storage_url, track=job.track)
-    if crashed:
-        raise RuntimeError(f"{method}: sweep workers crashed ({'; '.join(crashed)}); rerun the stage to finish the study")
-    return summary
 
 
 def headline(cls: type, summaries: list[dict[str, Any]]) -> dict[str, Any]:

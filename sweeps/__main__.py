@@ -7,30 +7,37 @@ import json
 import sys
 
 from reproduce.config import Config, ConfigError, load_config
-from reproduce.tracking import start_tracking_service
 
 DESCRIPTION = """\
-Optuna studies over a method's coefficients (search spaces: params.yaml sweep.spaces.<method>),
-scored on the validation split, never on test. Results go to sweeps/results/<method>/.
+Optuna studies over a method's coefficients (search spaces: each method's own, `python -m reproduce
+methods` lists them; params.yaml sweep.spaces.<method> replaces one), scored on the validation split,
+never on test. Results go to sweeps/results/<method>/.
 
 examples:
   python -m sweeps run --method kd                        # SQLite study in sweeps/studies/kd.db
+  python -m sweeps run --method all                       # every method with a space, one after the other
+  python -m sweeps run --method kd,dkd                    # these two, in this order, in one process
   python -m sweeps run --method bdkd --workers 4          # 4 processes share the study and its budget
-  python -m sweeps run --method bdkd --storage postgresql://user:pw@host/optuna   # same line on every machine
+  python -m sweeps run --method bdkd --storage postgresql+psycopg://user:pw@host/optuna   # same line on every machine
   python -m sweeps run --method bdkd --storage journal:sweeps/studies/bdkd.log    # journal file, no database
   python -m sweeps run --method kd --multi-objective      # val top-1 vs val ECE: a Pareto front
   python -m sweeps run --method kd --set sweep.n_trials=40 --set sweep.epochs_per_trial=30
   python -m sweeps report --method kd                     # rewrite the results from the storage
   optuna-dashboard sqlite:///sweeps/studies/kd.db         # watch studies live (pip install optuna-dashboard)
 
-Rerunning `run` resumes the study and runs only the missing trials. Changing the search space,
-epochs per trial, dataset, model pair, recipe or fixed coefficients starts a new study (its name
-carries a hash of them); changing the budget, pruner or workers continues the same one.
+A worker that dies mid-trial (killed, pre-empted) leaves a failed trial that does not count; its parameters
+are queued again at once on the same machine, after sweep.heartbeat.grace_s from another one (database
+storages). `run` returns once the study's budget is complete. Rerunning `run` resumes the study and runs
+only the missing trials. Changing the search space, epochs per trial, dataset, model pair, recipe or
+fixed coefficients starts a new study (its name carries a hash of them); changing the budget, pruner,
+heartbeat or workers continues the same one.
 """
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True, help="method to tune (python -m reproduce methods lists them)")
+    parser.add_argument("--method", required=True,
+                        help="method to tune (python -m reproduce methods lists them), a comma list, or `all` "
+                             "(sweep.methods; by default every method with a search space)")
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter, e.g. --set sweep.n_trials=20 (repeatable)")
@@ -80,45 +87,52 @@ def _load_config(args: argparse.Namespace) -> Config:
 
 def run_command(args: argparse.Namespace) -> int:
     config = _load_config(args)
-    if not args.no_track:
-        start_tracking_service(config.tracking)
-    # Imported here, after the tracking service started: these load torch and optuna for seconds.
-    from sweeps.report import write_results
-    from sweeps.study import plan_job, run_sweep
+    methods = _methods(config, args.method)
+    # Imported here, not at the top: torch and optuna take seconds, which `--help` need not wait for.
+    from sweeps.study import RESULTS_ROOT, run_study
 
-    job = plan_job(config, args.method, track=not args.no_track, quiet=args.quiet)
-    if job is None:
-        print(f"{args.method}: sweep.spaces.{args.method} is empty, so there is nothing to tune; no study created")
-        return 0
-    study, crashed = run_sweep(job)
-    summary = write_results(study, job.method, job.config, storage_url=job.storage_url, track=job.track)
-    _print_outcome(summary, str(job.results_dir))
-    for line in crashed:
-        print(f"error: {line}; rerun the same command to finish the study", file=sys.stderr)
-    if summary["best"] is None:
-        print(f"error: no trial of {study.study_name} completed; see {job.results_dir}/trials.csv (column error)",
-              file=sys.stderr)
-    return 1 if crashed or summary["best"] is None else 0
+    status = 0
+    for method in methods:
+        summary = run_study(config, method, track=not args.no_track, quiet=args.quiet)
+        if summary is None:
+            print(f"{method}: its search space is empty, so there is nothing to tune; no study created")
+            continue
+        _print_outcome(summary, str(RESULTS_ROOT / method))
+        if summary["best"] is None:
+            print(f"error: no trial of {summary['study']} completed; see {RESULTS_ROOT / method}/trials.csv "
+                  f"(column error)", file=sys.stderr)
+            status = 1
+    return status
 
 
 def report_command(args: argparse.Namespace) -> int:
     from sweeps.report import write_results
     from sweeps.settings import load_settings
-    from sweeps.study import load_existing_study, plan_job
+    from sweeps.study import RESULTS_ROOT, load_existing_study, plan_job
 
     config = _load_config(args)
-    storage_url = load_settings(config).storage_url(args.method)
-    name = args.study
-    if name is None:
-        job = plan_job(config, args.method)
-        if job is None:
-            raise ConfigError(f"sweep.spaces.{args.method} is empty, so no study has these settings; name one "
-                              f"with --study")
-        name = job.study_name
-    study = load_existing_study(name, storage_url)
-    summary = write_results(study, args.method, config, storage_url=storage_url, track=not args.no_track)
-    _print_outcome(summary, f"sweeps/results/{args.method}")
+    methods = _methods(config, args.method)
+    if args.study is not None and len(methods) > 1:
+        raise ConfigError("--study names one study: give one --method with it")
+    for method in methods:
+        storage_url = load_settings(config).storage_url(method)
+        name = args.study
+        if name is None:
+            job = plan_job(config, method)
+            if job is None:
+                raise ConfigError(f"{method}: its search space is empty, so no study has these settings; name one "
+                                  f"with --study")
+            name = job.study_name
+        study = load_existing_study(name, storage_url)
+        summary = write_results(study, method, config, storage_url=storage_url, track=not args.no_track)
+        _print_outcome(summary, str(RESULTS_ROOT / method))
     return 0
+
+
+def _methods(config: Config, selector: str) -> list[str]:
+    from sweeps.settings import load_settings
+
+    return load_settings(config).select_methods(selector)
 
 
 def _print_outcome(summary: dict, results_dir: str) -> None:

@@ -1,5 +1,6 @@
 """A study's results, derived from its storage alone, so ``python -m sweeps report`` can rewrite them
-at any time: ``sweeps/results/<method>/`` and one "study summary" run in W&B and MLflow.
+at any time: ``sweeps/results/<method>/``, and the study's run in W&B and MLflow (the parent of every
+trial's run) gets the plots and the summary.
 
 Files: ``best_params.yaml`` (an overlay for ``python -m reproduce train --params-from``), ``trials.csv``,
 ``pareto.csv`` (multi-objective), ``importance.json``, ``metrics.json`` (the summary) and PNG plots.
@@ -7,7 +8,6 @@ Files: ``best_params.yaml`` (an overlay for ``python -m reproduce train --params
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import itertools
@@ -23,14 +23,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from reproduce.config import Config
 from reproduce.io import atomic_write_text
-from reproduce.tracking import Tracker
 from sweeps.settings import objectives
-from sweeps.study import EPOCHS_ATTR, RESULTS_ROOT, claim_results_dir, failure_reason, redact, uses_budget
+from sweeps.study import (EPOCHS_ATTR, RESULTS_ROOT, RETRIED_ATTR, claim_results_dir, close_study_run, failure_reason,
+                          open_study_run, redact, take_study_run, uses_budget)
 
 
-def write_results(study: optuna.Study, method: str, config: Config, *, storage_url: str,
-                  track: bool) -> dict[str, Any]:
-    """Write every result file of ``study`` and its tracked summary run; returns the summary."""
+def write_results(study: optuna.Study, method: str, config: Config, *, storage_url: str, track: bool) -> dict[str, Any]:
+    """Write every result file of ``study`` and finish the study's tracked run (the one ``run_sweep``
+    left open, or the same run reopened); returns the summary."""
     results_dir = RESULTS_ROOT / method
     claim_results_dir(results_dir, study.study_name, storage_url, study.user_attrs.get("identity", {}))
     names = [objective.name for objective in objectives(len(study.directions) > 1)]
@@ -61,7 +61,15 @@ def write_results(study: optuna.Study, method: str, config: Config, *, storage_u
                                            "params": dict(best.params)},
         "importance": importance["importances"],
     }
-    _track_summary(study.study_name, method, config, results_dir, figures, summary, track)
+    atomic_write_text(results_dir / "metrics.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tracker = take_study_run(study.study_name, storage_url)
+    if tracker is None and track:
+        tracker = open_study_run(config, method, study.study_name, storage_url, study.user_attrs.get("identity", {}),
+                                 enabled=True)
+    if tracker is not None:
+        for figure, path in figures.items():
+            tracker.log_image(figure, path)
+        close_study_run(tracker, summary, "finished" if best is not None else "failed")
     return summary
 
 
@@ -83,7 +91,7 @@ def write_best_params(path: Path, method: str, name: str, trial: FrozenTrial, na
 def write_trials_csv(path: Path, trials: list[FrozenTrial], names: list[str]) -> None:
     param_names = list(dict.fromkeys(name for trial in trials for name in trial.params))
     columns = ["number", "state", *names, "epochs_trained", "duration_s", *(f"params_{p}" for p in param_names),
-               "error"]
+               "retry_of", "error"]
     rows = []
     for trial in trials:
         # A pruned trial's value is the last one it reported: useful, and its state says it is partial.
@@ -93,6 +101,7 @@ def write_trials_csv(path: Path, trials: list[FrozenTrial], names: list[str]) ->
             "epochs_trained": trial.user_attrs.get(EPOCHS_ATTR),
             "duration_s": round(trial.duration.total_seconds(), 2) if trial.duration is not None else None,
             **{f"params_{p}": trial.params.get(p) for p in param_names},
+            "retry_of": trial.system_attrs.get(RETRIED_ATTR),
             "error": failure_reason(trial) if trial.state == TrialState.FAIL else None,
         })
     text = io.StringIO()
@@ -174,18 +183,3 @@ def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
-
-
-def _track_summary(name: str, method: str, config: Config, results_dir: Path, figures: dict[str, Path],
-                   summary: dict[str, Any], track: bool) -> None:
-    """One extra run next to the trials (same group): the study's plots and best result."""
-    tracking = copy.deepcopy(config.tracking)
-    tracking.group = name
-    tags = {"method": method, "dataset": config.dataset.name, "teacher": config.models.teacher,
-            "student": config.models.student, "study": name, "kind": "study-summary"}
-    tracker = Tracker(tracking, run_dir=results_dir, run_name=f"{name}-summary", tags=tags,
-                      params={"study": summary["study"], "best_params": (summary["best"] or {}).get("params", {})},
-                      services=track)
-    for figure, path in figures.items():
-        tracker.log_image(figure, path)
-    tracker.finish(summary)  # also writes results_dir/metrics.json

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -13,6 +14,7 @@ import optuna
 
 from reproduce.config import Config, ConfigError, build_dataclass
 from reproduce.methods import get_method
+from reproduce.methods.base import registered
 from sweeps.space import SearchSpace
 
 
@@ -50,8 +52,18 @@ PRUNERS: dict[str, Callable[[PrunerSettings, int], optuna.pruners.BasePruner]] =
 
 
 @dataclass
+class HeartbeatSettings:
+    """Optuna's heartbeat (RDB storages only): how a trial of a worker on another machine that died
+    (pre-empted node, lost network) is found. A worker on this machine is found at once by its process id."""
+
+    interval_s: int = 60  # each running trial writes its heartbeat this often
+    grace_s: int = 180  # a running trial whose heartbeat is older than this belongs to a dead worker
+
+
+@dataclass
 class SweepSettings:
-    methods: list[str] = field(default_factory=list)  # the `sweep` stage's DVC matrix
+    # The methods `--method all` runs; None: every registered method with a non-empty search space.
+    methods: list[str] | None = None
     n_trials: int = 4  # budget of the study, shared by all its workers
     epochs_per_trial: int = 3  # replaces recipe.epochs for every trial
     seed: int = 0  # training seed of every trial (trials differ only by their parameters)
@@ -59,7 +71,9 @@ class SweepSettings:
     workers: int = 1  # processes on this machine; more machines join with the same --storage
     storage: str = "sqlite:///sweeps/studies/{method}.db"  # RDB URL or journal:PATH; {method} is filled in
     pruner: PrunerSettings = field(default_factory=PrunerSettings)
-    spaces: dict[str, Any] = field(default_factory=dict)  # method -> {param: range}; see sweeps/space.py
+    heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
+    # method -> {param: range} (sweeps/space.py's format), replacing that method's own `search_space`.
+    spaces: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         for key in ("n_trials", "epochs_per_trial", "workers"):
@@ -74,11 +88,47 @@ class SweepSettings:
         if not journal and "://" not in self.storage:
             raise ConfigError(f"sweep.storage: {self.storage!r} is neither a database URL (sqlite:///path.db, "
                               f"postgresql://user@host/db, mysql+pymysql://...) nor journal:path/to/file.log")
-        for method in self.methods:
+        if self.heartbeat.interval_s < 1 or self.heartbeat.grace_s <= self.heartbeat.interval_s:
+            raise ConfigError(f"sweep.heartbeat: need interval_s >= 1 and grace_s > interval_s (got interval_s "
+                              f"{self.heartbeat.interval_s}, grace_s {self.heartbeat.grace_s}); a grace of a few "
+                              f"intervals keeps a busy worker from being taken for a dead one")
+        for method in self.spaces:
+            get_method(method)  # an override for a method that does not exist is a typo
+        for method in self.methods or []:
             get_method(method)
-            if not self.spaces.get(method):
-                raise ConfigError(f"sweep.methods lists {method!r} but sweep.spaces.{method} is empty: a study "
-                                  f"needs something to search; add a space or remove {method!r} from sweep.methods")
+            if not self.raw_space(method):
+                raise ConfigError(f"sweep.methods lists {method!r} but its search space is empty (the method "
+                                  f"declares none, or sweep.spaces.{method} is empty): a study needs something to "
+                                  f"search; add a space under sweep.spaces.{method} or remove {method!r} from "
+                                  f"sweep.methods")
+
+    def raw_space(self, method: str) -> Any:
+        """The space to search: ``sweep.spaces.<method>`` when given (it replaces the method's own),
+        else the method's ``search_space``."""
+        if method in self.spaces:
+            return self.spaces[method]
+        return copy.deepcopy(getattr(get_method(method), "search_space", {}))
+
+    def swept_methods(self) -> list[str]:
+        """``sweep.methods``, or every registered method (in table order) with a non-empty space."""
+        if self.methods is not None:
+            return list(self.methods)
+        return [cls.name for cls in registered() if self.raw_space(cls.name)]
+
+    def select_methods(self, selector: str) -> list[str]:
+        """``--method``: one name, a comma list (run in that order), or ``all`` (``swept_methods``)."""
+        if selector.strip() == "all":
+            methods = self.swept_methods()
+            if not methods:
+                raise ConfigError("--method all: no method has a search space (sweep.methods is empty, or no "
+                                  "registered method declares a search_space and sweep.spaces adds none)")
+            return methods
+        methods = [name.strip() for name in selector.split(",") if name.strip()]
+        if not methods:
+            raise ConfigError(f"--method {selector!r}: name a method, a comma list (kd,dkd) or all")
+        for method in methods:
+            get_method(method)
+        return list(dict.fromkeys(methods))
 
     def storage_url(self, method: str) -> str:
         return self.storage.replace("{method}", method)

@@ -1,4 +1,5 @@
-"""Search spaces as data: params.yaml ``sweep.spaces.<method>.<param>`` → one Optuna distribution each.
+"""Search spaces as data: a method's ``search_space`` (or its replacement, params.yaml
+``sweep.spaces.<method>``) → one Optuna distribution per parameter.
 
 A space is checked against the method before any trial runs: every name must be a field of the
 method's ``Params``, every range well formed, and both ends of a range (every choice of a categorical)
@@ -98,10 +99,11 @@ class ParamSpec:
 SearchSpace = dict[str, ParamSpec]
 
 
-def parse_space(raw: Any, method: str, fixed_params: dict[str, Any] | None) -> SearchSpace:
-    """Validate ``sweep.spaces.<method>`` against the method; ``fixed_params`` are the method's other
-    coefficients (``methods.<method>`` in params.yaml), held at their configured values."""
-    where = f"sweep.spaces.{method}"
+def parse_space(raw: Any, method: str, fixed_params: dict[str, Any] | None, where: str | None = None) -> SearchSpace:
+    """Validate a space against the method; ``fixed_params`` are the method's other coefficients
+    (``methods.<method>`` in params.yaml), held at their configured values. ``where`` names the space
+    in errors (default ``sweep.spaces.<method>``)."""
+    where = where or f"sweep.spaces.{method}"
     method_cls = get_method(method)
     if raw is None:
         return {}

@@ -1,5 +1,8 @@
-"""The analysis stage on real runs: a vanilla teacher, the vanilla student, KD and DML, two seeds each,
-trained once for the module on digits. Numbers in the tables are checked against the runs' own files."""
+"""The analysis stage on real runs written by reproduce/engine.py: the teacher method, the vanilla student, KD
+and DML, two seeds each, trained once for the module on digits with a validation split (selection "val"),
+and a smaller set trained with the paper protocol (no validation split, selection "test"). Numbers in the
+tables are checked against the runs' own files. tests/test_analysis_protocol.py checks the conventions
+on hand-written runs with hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -16,14 +19,12 @@ import torch
 import yaml
 
 from analysis.__main__ import main
-from analysis.aggregate import Aggregate
 from analysis.calibration import pool_bins
 from analysis.figures import DOUBLE_COLUMN_IN, MIN_FONT_PT, SINGLE_COLUMN_IN, reliability_figure, reliability_grid
-from analysis.published import load_published, paper_vs_reproduced
+from analysis.calibration import T_MAX, T_MIN
 from analysis.report import run_analysis
-from analysis.runs import Setup
-from analysis.settings import parse_settings
-from analysis.tables import format_stat, latex_escape
+from analysis.tables import FROZEN, NO_TS, format_stat, latex_escape
+from reproduce.data.prepare import prepare
 from reproduce.engine import RunSpec, train
 from reproduce.metrics import expected_calibration_error, fit_temperature, reliability_bins, temperature_scaled
 from sweeps.report import param_importances, write_best_params, write_trials_csv
@@ -39,22 +40,37 @@ def runs_root(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """runs/<label>/seed<k>/ as the pipeline lays them out; KD distils from runs/teacher/seed0."""
     tmp = tmp_path_factory.mktemp("analysis-runs")
     root = tmp / "runs"
-    teacher = {"seed": 0, "runs_root": str(root / "teacher")}
-    jobs = [("teacher", "vanilla", {"methods": {"vanilla": {"network": "teacher"}}, "recipe": {"epochs": 3}}),
-            ("vanilla", "vanilla", {}), ("kd", "kd", {}), ("dml", "dml", {})]
-    for label, method, sections in jobs:
-        for seed in SEEDS:
-            config = tiny_config(prepared_root, tmp, teacher=teacher, **sections)
-            run = f"{label}/seed{seed}"
-            train(config, RunSpec(method, seed, root / run, tmp / "checkpoints" / run), track=False)
+    train_suite(prepared_root, tmp, root, {"teacher": SEEDS, "vanilla": SEEDS, "kd": SEEDS, "dml": SEEDS})
     return root
 
 
-def write_params(path: Path, **analysis: object) -> Path:
+def train_suite(prepared_root: Path, tmp: Path, root: Path, seeds: dict[str, tuple[int, ...]]) -> None:
+    teacher = {"seed": 0, "runs_root": str(root / "teacher")}
+    for method, method_seeds in seeds.items():
+        sections = {"recipe": {"epochs": 3}} if method == "teacher" else {}
+        for seed in method_seeds:
+            config = tiny_config(prepared_root, tmp, teacher=teacher, **sections)
+            run = f"{method}/seed{seed}"
+            train(config, RunSpec(method, seed, root / run, tmp / "checkpoints" / run), track=False)
+
+
+@pytest.fixture(scope="module")
+def paper_runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The paper protocol: digits prepared without a validation split; teacher, vanilla and KD."""
+    tmp = tmp_path_factory.mktemp("analysis-paper-runs")
+    prepared = tmp / "prepared"
+    prepare("digits", tmp / "raw", prepared, val_fraction=0.0, split_seed=0, progress=False)
+    root = tmp / "runs"
+    train_suite(prepared, tmp, root, {"teacher": (0,), "vanilla": SEEDS, "kd": SEEDS})
+    return root
+
+
+def write_params(path: Path, val_fraction: float = 0.15, **analysis: object) -> Path:
     """The project's params.yaml, set to the runs' models, with small PNGs (fast) and the shipped
     published results."""
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["models"] = {"teacher": "resnet8", "student": "resnet8"}
+    params["dataset"]["val_fraction"] = val_fraction
     params["tracking"]["wandb"]["enabled"] = False
     params["analysis"] = {**params.get("analysis", {}), "png_dpi": 80,
                           "published_results": str(PROJECT / "analysis" / "published_results.yaml"), **analysis}
@@ -96,8 +112,10 @@ def test_comparison_numbers_are_mean_and_std_over_seeds_of_metrics_json(
     checked = 0
     for label in LABELS:
         runs = metrics_of(runs_root, label)
-        if network not in runs[0]["networks"]:
+        assert {run["selection"] for run in runs} == {"val"}
+        if network not in runs[0]["networks"] or (label == "kd" and network == "teacher"):  # kd's is frozen
             assert table.loc[label, f"{key}_n"] == 0 and pd.isna(table.loc[label, f"{key}_mean"])
+            assert bool(table.loc[label, f"{key}_frozen"]) == (label == "kd")
             continue
         mean, std = mean_std([run[epoch]["test"][network][metric] * scale for run in runs])
         assert table.loc[label, f"{key}_mean"] == pytest.approx(mean, rel=1e-6)
@@ -134,9 +152,9 @@ def test_best_value_per_column_is_bold_in_every_format(reports: Path, key: str, 
 
 def test_latex_table_is_booktabs_and_escaped(reports: Path) -> None:
     latex = (reports / "tables" / "comparison.tex").read_text()
-    for command in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{lrrrrrrrrr}"):
+    for command in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{lrrrrrrrrrr}"):
         assert command in latex
-    assert "ECE \\%" in latex and "±" not in latex and "$\\pm$" in latex
+    assert "ECE (\\%)" in latex and "±" not in latex and "$\\pm$" in latex and "$\\Delta$" in latex
     assert latex_escape("a_b & 5% → c") == r"a\_b \& 5\% $\rightarrow$ c"
 
 
@@ -156,9 +174,10 @@ def test_format_stat_shows_std_only_for_several_seeds() -> None:
 def test_temperature_is_fitted_on_validation_and_applied_to_test(runs_root: Path, reports: Path) -> None:
     temperatures, scaled_eces, test_fitted = [], [], []
     for seed in SEEDS:
-        predictions = torch.load(runs_root / "kd" / f"seed{seed}" / "predictions.pt", weights_only=False)
+        predictions = torch.load(runs_root / "kd" / f"seed{seed}" / "predictions.pt", map_location="cpu",
+                                 weights_only=True)
         val, test = predictions["best"]["val"]["student"], predictions["best"]["test"]["student"]
-        temperature = fit_temperature(val, predictions["labels"]["val"])
+        temperature = min(max(fit_temperature(val, predictions["labels"]["val"]), T_MIN), T_MAX)
         temperatures.append(temperature)
         scaled_eces.append(100 * expected_calibration_error(temperature_scaled(test, temperature),
                                                             predictions["labels"]["test"]))
@@ -177,7 +196,8 @@ def test_temperature_is_fitted_on_validation_and_applied_to_test(runs_root: Path
 def test_calibration_table_lists_every_network_of_every_run(runs_root: Path, reports: Path) -> None:
     table = pd.read_csv(reports / "tables" / "calibration.csv")
     expected = {(label, network) for label in LABELS for network in metrics_of(runs_root, label)[0]["networks"]}
-    assert set(zip(table["label"], table["network"])) == expected
+    assert ("kd", "teacher") in expected  # evaluated in the run, but it is the teacher row's network
+    assert set(zip(table["label"], table["network"])) == expected - {("kd", "teacher")}
     for column in ("top1_best", "temperature", "ece_best_pct", "ece_ts_pct", "adaptive_ece_best_pct",
                    "adaptive_ece_ts_pct", "mce_best_pct", "mce_ts_pct", "nll_best", "nll_ts", "brier_best", "brier_ts"):
         assert table[f"{column}_mean"].notna().all() and (table[f"{column}_n"] == 2).all(), column
@@ -224,33 +244,6 @@ def test_methods_without_published_numbers_say_not_published(reports: Path) -> N
         assert re.search(rf"\| {name} \|.*not published", markdown)
 
 
-def test_published_numbers_are_compared_like_with_like() -> None:
-    """CIFAR-100 runs of resnet32x4 -> resnet8x4: CRD's KD number (last epoch) and DKD's (best epoch) are
-    set against the matching epoch, the teacher against CRD's teacher; nothing else is paired."""
-    settings = parse_settings({})
-    published = load_published(PROJECT / "analysis" / "published_results.yaml")
-    records = pd.DataFrame([
-        {"label": "kd", "seed": 0, "network": "student", "top1_best": 74.0, "top1_last": 73.0},
-        {"label": "kd", "seed": 1, "network": "student", "top1_best": 75.0, "top1_last": 72.0},
-        {"label": "dkd", "seed": 0, "network": "student", "top1_best": 76.5, "top1_last": 76.0},
-        {"label": "teacher", "seed": 0, "network": "teacher", "top1_best": 80.0, "top1_last": 79.0},
-    ])
-    setup = Setup("cifar100", "resnet32x4", "resnet8x4")
-    comparison = paper_vs_reproduced(published, Aggregate(records), setup, ["teacher", "kd", "dkd"], settings)
-    table = comparison.table.numeric
-    compared = table[table["status"] == "compared"].set_index("label")
-    assert compared.loc["kd", "published_top1"] == 73.33 and compared.loc["kd", "reproduced_top1"] == 72.5  # last
-    assert compared.loc["kd", "difference"] == pytest.approx(72.5 - 73.33)
-    assert compared.loc["dkd", "published_top1"] == 76.32 and compared.loc["dkd", "reproduced_top1"] == 76.5  # best
-    assert compared.loc["teacher", "published_top1"] == 79.42 and compared.loc["teacher", "reproduced_top1"] == 79.0
-    assert set(compared.index) == {"kd", "dkd", "teacher"}
-    assert "ours: 2 seed(s), the paper: 1" in compared.loc["kd", "source"]
-    assert (table.loc[table["published_top1"].notna(), "dataset"] == "cifar100").all()
-    assert comparison.reference is None
-    vanilla = table[(table["label"] == "vanilla") & (table["status"] == "no run")]
-    assert vanilla["published_top1"].tolist() == [72.50]  # CRD's vanilla resnet8x4, no run of ours
-
-
 # ----------------------------------------------------------------------------------------------
 # Report page, summary, figures
 
@@ -279,20 +272,65 @@ def test_missing_sweeps_are_reported(reports: Path) -> None:
 def test_summary_json_holds_the_aggregated_numbers(runs_root: Path, reports: Path) -> None:
     summary = json.loads((reports / "summary.json").read_text())
     assert (summary["dataset"], summary["teacher"], summary["student"]) == ("digits", "resnet8", "resnet8")
+    assert summary["selection"] == "val" and summary["best_epoch"] == "best epoch, selected on validation"
     assert list(summary["methods"]) == list(LABELS)
     kd = summary["methods"]["kd"]
-    assert kd["seeds"] == 2 and set(kd["networks"]) == {"student", "teacher"}
-    mean, std = mean_std([run["last"]["test"]["student"]["top1"] for run in metrics_of(runs_root, "kd")])
-    assert kd["networks"]["student"]["top1_last"] == pytest.approx({"mean": mean, "std": std, "n": 2})
+    assert kd["seeds"] == 2 and not any(key.startswith("teacher_") for key in kd)  # its teacher is frozen
+    mean, _ = mean_std([run["last"]["test"]["student"]["top1"] for run in metrics_of(runs_root, "kd")])
+    assert kd["student_top1_last"] == pytest.approx(mean, abs=1e-4)
+    ece, _ = mean_std([100 * run["best"]["test"]["student"]["ece"] for run in metrics_of(runs_root, "kd")])
+    assert kd["student_ece_pct_best"] == pytest.approx(ece, abs=1e-4)
+    teacher, _ = mean_std([run["best"]["test"]["teacher"]["top1"] for run in metrics_of(runs_root, "dml")])
+    assert summary["methods"]["dml"]["teacher_top1_best"] == pytest.approx(teacher, abs=1e-4)
 
 
 def test_figures_are_written_as_png_and_pdf(reports: Path) -> None:
-    stems = {"reliability_students", "reliability_students_ts", "reliability_kd_student", "reliability_kd_teacher",
+    stems = {"reliability_students", "reliability_students_ts", "reliability_kd_student", "reliability_dml_teacher",
              "reliability_teacher_teacher", "curves_overview", *(f"curves_{label}" for label in LABELS)}
     for stem in stems:
         for suffix in (".png", ".pdf"):
             assert (reports / "figures" / f"{stem}{suffix}").stat().st_size > 1000, stem + suffix
+    assert not (reports / "figures" / "reliability_kd_teacher.png").exists()  # the frozen teacher: drawn once
     assert not list((reports / "figures").glob("signals_*"))  # none of these methods logs a signal
+
+
+def test_curated_tsvs_are_the_mean_of_the_histories(runs_root: Path, reports: Path) -> None:
+    histories = {label: [pd.read_csv(runs_root / label / f"seed{seed}" / "history.tsv", sep="\t") for seed in SEEDS]
+                 for label in LABELS}
+    ece = pd.read_csv(reports / "plots" / "student_test_ece.tsv", sep="\t").set_index("epoch")
+    assert list(ece.columns) == ["vanilla", "kd", "dml"]
+    for label in ece.columns:
+        expected = pd.concat(histories[label]).groupby("epoch")["test/student/ece"].mean() * 100
+        assert ece[label].tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    teacher = pd.read_csv(reports / "plots" / "teacher_test_top1.tsv", sep="\t")
+    assert list(teacher.columns) == ["epoch", "teacher", "dml"] and teacher["epoch"].tolist() == [1, 2, 3]
+    assert pd.isna(teacher.loc[2, "dml"])  # dml trained 2 epochs, the teacher 3
+    for stem in ("student_test_top1", "student_train_loss"):
+        table = pd.read_csv(reports / "plots" / f"{stem}.tsv", sep="\t")
+        assert list(table.columns) == ["epoch", "vanilla", "kd", "dml"] and table.notna().all().all()
+
+
+def test_paper_protocol_runs(paper_runs_root: Path, tmp_path: Path) -> None:
+    """Runs without a validation split: every best number is the test-selected one, TS is not available,
+    and the engine's files raise no note (the frozen teacher is the teacher run's, ECEs agree)."""
+    params = write_params(tmp_path / "params.yaml", val_fraction=0.0)
+    report = run_analysis(paper_runs_root, tmp_path / "sweeps", tmp_path / "reports", params, track=False)
+    assert report.notes == [] and report.warnings == []
+    runs = [json.loads((paper_runs_root / "kd" / f"seed{seed}" / "metrics.json").read_text()) for seed in SEEDS]
+    assert all(run["selection"] == "test" and "best" not in run and "val" not in run["last"] for run in runs)
+    comparison = pd.read_csv(tmp_path / "reports" / "tables" / "comparison.csv").set_index("label")
+    mean, std = mean_std([run["best_test_selected"]["test"]["student"]["top1"] for run in runs])
+    assert comparison.loc["kd", "student_top1_best_test_selected_mean"] == pytest.approx(mean)
+    assert comparison.loc["kd", "student_top1_best_test_selected_std"] == pytest.approx(std, abs=1e-9)
+    assert "student_top1_best_mean" not in comparison.columns
+    calibration = pd.read_csv(tmp_path / "reports" / "tables" / "calibration.csv")
+    assert (calibration["temperature_n"] == 0).all() and (calibration["ece_best_test_selected_pct_n"] > 0).all()
+    assert NO_TS in (tmp_path / "reports" / "tables" / "calibration.md").read_text()
+    kd_row = next(row for row in report.tables["comparison"].rows if row[0].text == "KD")
+    assert kd_row[1].text == FROZEN
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    assert summary["selection"] == "test" and "student_ece_pct_ts" not in summary["methods"]["kd"]
+    assert summary["methods"]["kd"]["student_top1_best_test_selected"] == pytest.approx(mean, abs=1e-4)
 
 
 def smallest_font(figure) -> float:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,10 +24,11 @@ from optuna.trial import TrialState
 from conftest import PROJECT, tiny_config
 from reproduce.config import ConfigError, load_config
 from reproduce.methods import METHODS, get_method
+from reproduce.methods.base import registered
 from sweeps.__main__ import main
 from sweeps.settings import load_settings
-from sweeps.study import (ERROR_ATTR, TRACEBACK_ATTR, WORKER_ATTR, create_or_load_study, load_existing_study,
-                          plan_job, uses_budget)
+from sweeps.study import (ERROR_ATTR, RETRIED_ATTR, TRACEBACK_ATTR, WORKER_ATTR, create_or_load_study,
+                          load_existing_study, plan_job, uses_budget)
 
 KD_SPACE = {
     "temperature": {"type": "float", "low": 1, "high": 8},
@@ -37,13 +39,15 @@ DML_SPACE = {"kd_weight": {"type": "float", "low": 0.25, "high": 4, "log": True}
 
 
 def write_params(prepared_root: Path, project: Path, teacher_runs_root: Path | None = None, *, method: str = "kd",
-                 space: dict | None = None, **sweep: object) -> Path:
-    """A params.yaml in ``project``: the tiny digits config and a small sweep over ``method``."""
+                 space: dict | None = None, dataset: dict | None = None, **sweep: object) -> Path:
+    """A params.yaml in ``project``: the tiny digits config and a small sweep over ``method``
+    (``space``: sweep.spaces.<method>, KD_SPACE by default)."""
     settings = {"n_trials": 3, "epochs_per_trial": 2, "pruner": {"name": "none"},
                 "spaces": {method: KD_SPACE if space is None else space}, **sweep}
     # One thread: on a shared 2-core machine torch's spinning thread pool is many times slower.
     config = tiny_config(prepared_root, project, runtime={"threads": 1}, sweep=settings,
-                         teacher={"runs_root": str(teacher_runs_root or project / "no-teacher")})
+                         teacher={"runs_root": str(teacher_runs_root or project / "no-teacher")},
+                         **({"dataset": dataset} if dataset else {}))
     path = project / "params.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
     return path
@@ -71,8 +75,11 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_study_prunes_a_hopeless_trial_and_writes_loadable_best_params(
         project: Path, prepared_root: Path, teacher_runs_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_params(prepared_root, project, teacher_runs_root, n_trials=3, epochs_per_trial=3,
-                 pruner={"name": "median", "warmup_epochs": 1, "startup_trials": 2})
+    config_path = write_params(prepared_root, project, teacher_runs_root, n_trials=3, epochs_per_trial=3,
+                               pruner={"name": "median", "warmup_epochs": 1, "startup_trials": 2})
+    raw = yaml.safe_load(config_path.read_text())
+    raw["tracking"]["mlflow"]["enabled"] = True  # the conftest points MLflow at a temporary database
+    config_path.write_text(yaml.safe_dump(raw))
     job = plan_job(load_config("params.yaml"), "kd")
     # A fixed order makes pruning deterministic: two trials that learn set the median, then a trial with
     # every loss weight at zero (it cannot learn: ~10 % top-1) must be pruned after epoch 2 of 3.
@@ -104,6 +111,23 @@ def test_study_prunes_a_hopeless_trial_and_writes_loadable_best_params(
     assert not (results / "trials/0/final.pt").exists() and (results / "trials/0/metrics.json").exists()
     assert not (project / "checkpoints/sweeps").exists() or not any((project / "checkpoints/sweeps").iterdir())
 
+    # MLflow: one run for the study (named after it, finished), every trial's run nested under it, and
+    # the pruned trial not recorded as a failure.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(raw["tracking"]["mlflow"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.group = '{study.study_name}'")
+    parents = [run for run in runs if run.info.run_name == study.study_name]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {run.info.run_name: run for run in runs if run.info.run_name != study.study_name}
+    assert sorted(children) == ["trials-0", "trials-1", "trials-2"]
+    assert all(run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for run in children.values())
+    assert "val/student/top1" in children["trials-0"].data.metrics
+    assert "methods.kd.temperature" in children["trials-0"].data.params
+    assert children["trials-0"].info.status == "FINISHED" and children["trials-2"].info.status != "FAILED"
+    assert children["trials-2"].data.tags.get("outcome") == "pruned"
+
     best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
     overlay = yaml.safe_load((results / "best_params.yaml").read_text())
     assert overlay == {"methods": {"kd": best.params}}
@@ -118,44 +142,59 @@ def test_study_prunes_a_hopeless_trial_and_writes_loadable_best_params(
     assert (results / "best_params.yaml").read_text() == written
 
 
-def test_trials_and_summary_are_tracked_runs_grouped_by_study(project: Path, prepared_root: Path) -> None:
-    config_path = write_params(prepared_root, project, method="dml", space=DML_SPACE, n_trials=2, epochs_per_trial=1)
-    raw = yaml.safe_load(config_path.read_text())
-    raw["tracking"]["mlflow"]["enabled"] = True  # the conftest points MLflow at a temporary database
-    config_path.write_text(yaml.safe_dump(raw))
-
-    assert main(["run", "--method", "dml", "--quiet"]) == 0
-
-    from mlflow.tracking import MlflowClient
-
-    name = load_study("dml").study_name
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name(raw["tracking"]["mlflow"]["experiment"])
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.group = '{name}'")
-    assert sorted(run.info.run_name for run in runs) == sorted(["trials-0", "trials-1", f"{name}-summary"])
-    trial_run = next(run for run in runs if run.info.run_name == "trials-0")
-    assert "val/student/top1" in trial_run.data.metrics
-    assert "methods.dml.kd_weight" in trial_run.data.params
-
-
-def test_two_worker_processes_complete_exactly_the_budget(
+def test_two_worker_processes_keep_the_budget_exact_when_one_is_killed_mid_trial(
         project: Path, prepared_root: Path, teacher_runs_root: Path) -> None:
     # An odd budget: the two workers cannot split it evenly, so one must stop at the right moment.
-    write_params(prepared_root, project, teacher_runs_root, n_trials=3, epochs_per_trial=1)
+    config_path = write_params(prepared_root, project, teacher_runs_root, n_trials=3, epochs_per_trial=2)
+    raw = yaml.safe_load(config_path.read_text())
+    raw["tracking"]["mlflow"]["enabled"] = True
+    config_path.write_text(yaml.safe_dump(raw))
+    study = create_or_load_study(plan_job(load_config("params.yaml"), "kd"))
+    killed: list[int] = []
 
-    assert main(["run", "--method", "kd", "--workers", "2", "--quiet", "--no-track"]) == 0
+    def kill_the_first_worker_mid_trial() -> None:
+        deadline = time.monotonic() + 180
+        while not killed and time.monotonic() < deadline:
+            for trial in study.get_trials():
+                if (trial.state == TrialState.RUNNING and WORKER_ATTR in trial.user_attrs
+                        and len(trial.params) == len(KD_SPACE)):
+                    os.kill(trial.user_attrs[WORKER_ATTR]["pid"], signal.SIGKILL)
+                    killed.append(trial.number)
+                    return
+            time.sleep(0.1)
 
-    study = load_study("kd")
+    killer = threading.Thread(target=kill_the_first_worker_mid_trial)
+    killer.start()
+    assert main(["run", "--method", "kd", "--workers", "2", "--quiet"]) == 0  # what the dead worker left is finished
+    killer.join()
+
     assert (project / "sweeps/studies/kd.db").is_file()  # the default storage
-    counted = [t for t in study.get_trials() if uses_budget(t)]
-    assert [t.number for t in counted] == [0, 1, 2]
-    assert all(t.state == TrialState.COMPLETE for t in counted)
+    assert killed, "no worker was killed"
+    trials = study.get_trials()
+    dead = trials[killed[0]]
+    assert dead.state == TrialState.FAIL and not uses_budget(dead)
+    [retry] = [t for t in trials if t.system_attrs.get(RETRIED_ATTR) == dead.number]
+    assert retry.params == dead.params and retry.state == TrialState.COMPLETE
+    counted = [t for t in trials if uses_budget(t)]
+    assert len(counted) == 3 and all(t.state == TrialState.COMPLETE for t in counted)
     assert len({tuple(sorted(t.params.items())) for t in counted}) == 3  # no duplicated parameters
-    assert os.getpid() not in {t.user_attrs[WORKER_ATTR]["pid"] for t in counted}  # ran in spawned workers
-    assert len(read_csv(project / "sweeps/results/kd/trials.csv")) == len(study.get_trials())
+    assert os.getpid() not in {dead.user_attrs[WORKER_ATTR]["pid"], counted[0].user_attrs[WORKER_ATTR]["pid"]}
+    assert len(read_csv(project / "sweeps/results/kd/trials.csv")) == len(trials)
+    # Every trial's run nests under the study run this process opened and finished (the spawned
+    # workers reopen it by its key). The killed trial has one only if it got that far.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(raw["tracking"]["mlflow"]["experiment"])
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.group = '{study.study_name}'")
+    [parent] = [run for run in runs if run.info.run_name == study.study_name]
+    assert parent.info.status == "FINISHED"
+    names = {run.info.run_name for run in runs if run is not parent}
+    assert {f"trials-{t.number}" for t in counted} <= names <= {f"trials-{t.number}" for t in trials}
+    assert {run.data.tags.get("mlflow.parentRunId") for run in runs if run is not parent} == {parent.info.run_id}
 
 
-def test_rerun_resumes_keeps_earlier_trials_and_replaces_a_killed_workers_trial(
+def test_rerun_resumes_keeps_earlier_trials_and_retries_a_killed_workers_trial(
         project: Path, prepared_root: Path, teacher_runs_root: Path) -> None:
     # A journal file has no heartbeat: replacing the killed worker's trial relies on its process id.
     write_params(prepared_root, project, teacher_runs_root, n_trials=2, epochs_per_trial=2,
@@ -171,9 +210,9 @@ def test_rerun_resumes_keeps_earlier_trials_and_replaces_a_killed_workers_trial(
     worker = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not any(t.number == 2 and t.state == TrialState.RUNNING and WORKER_ATTR in t.user_attrs
-                  for t in study.get_trials()):
+                  and len(t.params) == len(KD_SPACE) for t in study.get_trials()):
         assert worker.poll() is None and time.monotonic() < deadline, "the worker never started trial 2"
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
 
@@ -181,38 +220,50 @@ def test_rerun_resumes_keeps_earlier_trials_and_replaces_a_killed_workers_trial(
 
     trials = study.get_trials()
     assert [(t.number, t.params, t.datetime_start, t.value) for t in trials[:2]] == first
-    assert trials[2].state == TrialState.FAIL and ERROR_ATTR not in trials[2].user_attrs
+    killed = trials[2]
+    assert killed.state == TrialState.FAIL and ERROR_ATTR not in killed.user_attrs
+    # Optuna's retry callback queued the killed trial's parameters again, as the next trial.
+    retry = trials[3]
+    assert retry.system_attrs[RETRIED_ATTR] == 2 and retry.params == killed.params
+    assert retry.user_attrs[WORKER_ATTR]["pid"] == os.getpid()  # rerun here, not a copy of the dead worker's marks
     counted = [t for t in trials if uses_budget(t)]
     assert [t.number for t in counted] == [0, 1, 3, 4]
     assert all(t.state == TrialState.COMPLETE for t in counted)
     # A rerun must not replay the first run's random start-up points.
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
+    assert len({tuple(sorted(t.params.items())) for t in counted}) == len(counted)
     rows = read_csv(project / "sweeps/results/kd/trials.csv")
-    assert "interrupted" in rows[2]["error"]
+    assert "interrupted" in rows[2]["error"] and rows[3]["retry_of"] == "2"
 
 
-def test_a_failing_trial_is_recorded_with_its_error_and_the_study_goes_on(
-        project: Path, prepared_root: Path, teacher_runs_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sweeps.study
+def test_a_diverging_trial_is_failed_with_the_engines_message_and_the_study_goes_on(
+        project: Path, prepared_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reproduce.methods.dml import DML
 
-    real_train = sweeps.study.train
+    real_step = DML.step
 
-    def train_that_diverges_in_trial_1(config, spec, **kwargs):  # type: ignore[no-untyped-def]
-        if spec.run_dir.name == "1":
-            raise FloatingPointError("loss is nan at epoch 1")
-        return real_train(config, spec, **kwargs)
+    def step_that_diverges_at_kd_weight_3(self, x, y, epoch):  # type: ignore[no-untyped-def]
+        step = real_step(self, x, y, epoch)
+        if self.params.kd_weight == 3.0:
+            step.losses["student"]["kd"] = step.losses["student"]["kd"] * float("nan")
+        return step
 
-    monkeypatch.setattr(sweeps.study, "train", train_that_diverges_in_trial_1)
-    write_params(prepared_root, project, teacher_runs_root, n_trials=3, epochs_per_trial=1)
+    monkeypatch.setattr(DML, "step", step_that_diverges_at_kd_weight_3)
+    write_params(prepared_root, project, method="dml", space=DML_SPACE, n_trials=3, epochs_per_trial=1)
+    study = create_or_load_study(plan_job(load_config("params.yaml"), "dml"))
+    for kd_weight in (1.0, 3.0, 0.5):
+        study.enqueue_trial({"kd_weight": kd_weight})
 
-    assert main(["run", "--method", "kd", "--quiet", "--no-track"]) == 0
+    assert main(["run", "--method", "dml", "--quiet", "--no-track"]) == 0  # one trial completed: a best exists
 
-    trials = load_study("kd").get_trials()
+    trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
-    assert trials[1].user_attrs[ERROR_ATTR] == "FloatingPointError: loss is nan at epoch 1"
-    assert "train_that_diverges_in_trial_1" in trials[1].user_attrs[TRACEBACK_ATTR]
-    rows = read_csv(project / "sweeps/results/kd/trials.csv")
-    assert rows[1]["state"] == "FAIL" and rows[1]["error"] == "FloatingPointError: loss is nan at epoch 1"
+    error = trials[1].user_attrs[ERROR_ATTR]
+    assert error.startswith("DivergedError: training diverged at epoch 1")
+    assert "method dml, role student, loss term 'kd' is nan" in error
+    assert "train_step" in trials[1].user_attrs[TRACEBACK_ATTR]
+    assert uses_budget(trials[1])  # a verdict on its parameters: counted, not retried
+    rows = read_csv(project / "sweeps/results/dml/trials.csv")
+    assert rows[1]["state"] == "FAIL" and rows[1]["error"] == error
 
 
 def test_a_study_whose_every_trial_fails_ends_with_an_error(
@@ -264,6 +315,69 @@ def test_multi_objective_study_gives_a_pareto_front_and_never_prunes(
     assert (results / "pareto_front.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_method_all_runs_every_listed_study_in_one_process(
+        project: Path, prepared_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sweeps.study
+
+    processes = set()
+    real_train = sweeps.study.train
+
+    def train_here(config, spec, **kwargs):  # type: ignore[no-untyped-def]
+        processes.add(os.getpid())
+        return real_train(config, spec, **kwargs)
+
+    monkeypatch.setattr(sweeps.study, "train", train_here)
+    # dml searches the override below, switokd its own registered space.
+    write_params(prepared_root, project, method="dml", space=DML_SPACE, n_trials=1, epochs_per_trial=1,
+                 methods=["switokd", "dml"])
+
+    assert main(["run", "--method", "all", "--quiet", "--no-track"]) == 0
+
+    assert processes == {os.getpid()}
+    for method in ("switokd", "dml"):
+        marker = json.loads((project / f"sweeps/results/{method}/study.json").read_text())
+        [trial] = load_existing_study(marker["study"], f"sqlite:///sweeps/studies/{method}.db").get_trials()
+        assert trial.state == TrialState.COMPLETE
+        expected = DML_SPACE if method == "dml" else get_method(method).search_space
+        assert set(trial.params) == set(expected)
+    # A comma list runs those, in that order; a finished study only reports.
+    assert main(["run", "--method", "dml,switokd", "--quiet", "--no-track"]) == 0
+
+
+def test_search_spaces_come_from_the_registry_and_params_yaml_replaces_one(prepared_root: Path,
+                                                                           tmp_path: Path) -> None:
+    config = tiny_config(prepared_root, tmp_path, sweep={"spaces": {"dml": DML_SPACE, "kd": {}}})
+    settings = load_settings(config)
+    swept = [cls.name for cls in registered() if getattr(cls, "search_space", {})]
+    assert swept, "no registered method declares a search space"
+    # The default list: every registered method with a space, in table order, less the emptied kd.
+    assert settings.swept_methods() == [name for name in swept if name != "kd"]
+    assert set(plan_job(config, "dml").space) == set(DML_SPACE)  # replaced, not merged
+    assert plan_job(config, "kd") is None  # emptied by the override: not swept
+    other = next(name for name in swept if name not in ("dml", "kd"))
+    assert set(plan_job(config, other).space) == set(get_method(other).search_space)
+    assert settings.select_methods("all") == settings.swept_methods()
+    assert settings.select_methods(" dml, kd ,dml") == ["dml", "kd"]
+    with pytest.raises(ConfigError, match="unknown method 'kdd'"):
+        settings.select_methods("dml,kdd")
+
+
+def test_a_sweep_without_a_validation_split_is_a_clear_error_before_any_trial(
+        project: Path, prepared_root: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import sweeps.study
+
+    monkeypatch.setattr(sweeps.study, "train", lambda *args, **kwargs: pytest.fail("a trial ran"))
+    write_params(prepared_root, project, method="dml", space=DML_SPACE, dataset={"val_fraction": 0})
+
+    assert main(["run", "--method", "dml", "--no-track"]) == 2
+
+    err = capsys.readouterr().err
+    assert "a sweep scores every trial on the validation split, and dataset.val_fraction is 0" in err
+    assert "Set dataset.val_fraction > 0" in err
+    assert not (project / "sweeps/studies").exists()  # no study created
+
+
 @pytest.mark.parametrize("method, space, message", [
     ("kd", {"temprature": {"type": "float", "low": 1, "high": 8}},
      "sweep.spaces.kd.temprature: kd has no parameter 'temprature'; did you mean 'temperature'?"),
@@ -296,13 +410,25 @@ def test_a_bad_search_space_is_a_clear_error_before_any_trial(
     assert not (project / "sweeps").exists()  # no study, no results
 
 
+def test_a_bad_registered_search_space_names_the_method_class(
+        project: Path, prepared_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from reproduce.methods.dml import DML
+
+    monkeypatch.setattr(DML, "search_space", {"kd_wieght": {"type": "float", "low": 0.5, "high": 2}})
+    with pytest.raises(ConfigError, match=r"reproduce\.methods\.dml\.DML\.search_space\.kd_wieght: dml has no "
+                                          r"parameter 'kd_wieght'; did you mean 'kd_weight'\?"):
+        plan_job(tiny_config(prepared_root, project), "dml")
+
+
 @pytest.mark.parametrize("sweep, message", [
     ({"pruner": {"name": "median", "warmup_epochs": -1}}, "sweep.pruner.warmup_epochs: must be >= 0"),
     ({"pruner": {"name": "successive"}}, "sweep.pruner.name: 'successive' is not one of median, hyperband, none"),
     ({"storage": "studies/kd.db"}, "sweep.storage: 'studies/kd.db' is neither a database URL"),
     ({"n_trails": 4}, "unknown key 'sweep.n_trails' (did you mean 'sweep.n_trials'?)"),
     ({"methods": ["vanilla"], "spaces": {"vanilla": {}}},
-     "sweep.methods lists 'vanilla' but sweep.spaces.vanilla is empty"),
+     "sweep.methods lists 'vanilla' but its search space is empty"),
+    ({"spaces": {"kdd": {}}}, "unknown method 'kdd'"),
+    ({"heartbeat": {"interval_s": 60, "grace_s": 30}}, "sweep.heartbeat: need interval_s >= 1 and grace_s > interval_s"),
 ])
 def test_bad_sweep_settings_are_clear_errors(project: Path, prepared_root: Path, capsys: pytest.CaptureFixture[str],
                                              sweep: dict, message: str) -> None:
@@ -315,7 +441,7 @@ def test_a_method_with_an_empty_space_gets_no_study(project: Path, prepared_root
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     write_params(prepared_root, project, method="vanilla", space={})
     assert main(["run", "--method", "vanilla"]) == 0
-    assert "nothing to tune; no study created" in capsys.readouterr().out
+    assert "its search space is empty, so there is nothing to tune; no study created" in capsys.readouterr().out
     assert not (project / "sweeps").exists()
 
 
@@ -328,8 +454,9 @@ def test_study_name_changes_with_what_makes_trials_comparable_only(prepared_root
 
     base = name()
     assert base.startswith("kd-")
-    # The budget, the pruner and the workers may change while a study runs.
-    assert name(n_trials=50, workers=4, pruner={"name": "hyperband"}, storage="journal:x.log") == base
+    # The budget, the pruner, the workers and the heartbeat may change while a study runs.
+    assert name(n_trials=50, workers=4, pruner={"name": "hyperband"}, storage="journal:x.log",
+                heartbeat={"interval_s": 5, "grace_s": 20}) == base
     assert name(epochs_per_trial=5) != base
     assert name(spaces={"kd": {**KD_SPACE, "temperature": {"type": "float", "low": 1, "high": 4}}}) != base
     assert name(models={"teacher": "resnet8", "student": "resnet8x4"}) != base
@@ -339,20 +466,15 @@ def test_study_name_changes_with_what_makes_trials_comparable_only(prepared_root
         name(spaces={"kd": {"temperature": KD_SPACE["temperature"]}})  # held fixed: it does
 
 
-def test_shipped_params_and_dvc_stage_are_consistent() -> None:
+def test_shipped_params_give_a_valid_study_to_every_method_with_a_space() -> None:
     config = load_config(PROJECT / "params.yaml")
     settings = load_settings(config)
     for method in METHODS:  # every shipped space is valid against its method now
         plan_job(config, method)
-    assert settings.methods and all(plan_job(config, method) is not None for method in settings.methods)
-    stage = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["sweep"]
-    assert stage["matrix"] == {"method": "${sweep.methods}"}
-    assert stage["cmd"] == "python -m sweeps run --method ${item.method}"
-    assert stage["outs"] == ["sweeps/results/${item.method}"]
-    assert {"sweep", "methods.${item.method}"} <= set(stage["params"])
-    for dep in stage["deps"]:
-        if "$" not in dep and not dep.startswith(("data/", "runs/")):
-            assert (PROJECT / dep).exists(), dep
+    assert settings.swept_methods() and all(plan_job(config, method) is not None for method in settings.swept_methods())
+    registry = PROJECT / "registry.yaml"  # what dvc.yaml iterates over, generated from the registry
+    if registry.is_file() and not settings.spaces:
+        assert settings.swept_methods() == yaml.safe_load(registry.read_text())["registry"]["sweep"]
 
 
 def test_help_documents_run_and_report(capsys: pytest.CaptureFixture[str]) -> None:
@@ -360,7 +482,7 @@ def test_help_documents_run_and_report(capsys: pytest.CaptureFixture[str]) -> No
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    assert "run" in text and "report" in text and "optuna-dashboard" in text
+    assert "run" in text and "report" in text and "optuna-dashboard" in text and "--method all" in text
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "--workers" in capsys.readouterr().out
@@ -381,3 +503,34 @@ def test_pruning_is_off_where_it_could_never_act(prepared_root: Path, tmp_path: 
 def test_settings_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"sweep\.n_trials: must be at least 1"):
         load_settings(load_config(PROJECT / "params.yaml", ["sweep.n_trials=0"]))
+
+
+def test_trial_seeded_sampler_is_reproducible_whatever_the_worker() -> None:
+    from sweeps.study import TrialSeededTPESampler
+
+    def draws(worker_seed: int, study_seed: int = 0) -> list[tuple]:
+        study = optuna.create_study(sampler=TrialSeededTPESampler(study_seed, worker_seed))
+        # Past the 10 random start-up trials: TPE's own draws are seeded per trial too.
+        study.optimize(lambda t: t.suggest_float("x", 0, 1) + len(t.suggest_categorical("c", ["a", "bb"])),
+                       n_trials=13)
+        return [tuple(sorted(t.params.items())) for t in study.trials]
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    first = draws(worker_seed=1)
+    assert draws(worker_seed=2) == first  # another process, another machine: the same trial gets the same draw
+    assert len(set(first)) == len(first)  # different trials, different draws
+    assert draws(worker_seed=1, study_seed=1) != first
+
+
+def test_a_worker_is_dead_when_its_process_is_gone_or_its_id_was_recycled() -> None:
+    from sweeps.study import _worker_is_dead, this_worker
+
+    here = this_worker()
+    assert here["started"] is not None  # Linux: /proc gives each process its start time
+    assert not _worker_is_dead(here, here)
+    assert _worker_is_dead({**here, "started": "0"}, here)  # same id, a process that started at another time
+    assert _worker_is_dead({**here, "boot": "an earlier boot"}, here)
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    assert _worker_is_dead({**here, "pid": process.pid, "started": None}, here)
+    assert not _worker_is_dead({**here, "host": "another-machine", "pid": process.pid}, here)  # the heartbeat's job

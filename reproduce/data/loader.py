@@ -105,16 +105,22 @@ class DeviceLoader:
         if self.train:
             generator = epoch_generator(self.seed, epoch, self.device)
             order = torch.randperm(len(self.labels), generator=generator, device=self.device)
-            order = order[self.rank::self.world_size]  # each DDP rank sees its own shard
         else:
             generator, order = None, torch.arange(len(self.labels), device=self.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size]
+        # Under DDP every rank cuts the same permutation into global batches of world_size x batch_size and
+        # keeps every world_size-th image of each, from its rank: disjoint shards whose k-th batches together
+        # are the one-process k-th batch of the global size. The global batch is augmented before it is
+        # split, so the crops and flips are the one-process run's too (and no two ranks share their draws).
+        size = self.batch_size * (self.world_size if self.train else 1)
+        for start in range(0, len(self) * size, size):
+            index = order[start:start + size]
             images = self.images[index]
             if self.augment is not None:
                 images = random_crop(images, self.augment.crop_padding, generator, self.augment.padding_mode)
                 if self.augment.flip:
                     images = random_flip(images, generator)
+            if self.train and self.world_size > 1:
+                images, index = images[self.rank::self.world_size], index[self.rank::self.world_size]
             yield self.normalise(images), self.labels[index]
 
 
