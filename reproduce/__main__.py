@@ -180,7 +180,7 @@ def run_recipe(args: argparse.Namespace) -> int:
                 split_seed=data.split_seed, download=args.download or data.download, verify_md5=data.verify_md5)
     for name in methods:
         train_every_seed(config, name, runs_root=runs_root, checkpoints_root=checkpoints_root,
-                         live_root=runs_root / "dvclive", track=not args.no_track)
+                         live_root=runs_root / "dvclive", track=not args.no_track, sweep=False)
     print(f"done: python -m analysis --runs {runs_root} --out reports/papers/{args.recipe.stem}")
     return 0
 

@@ -602,7 +602,7 @@ def _epoch_line(row: dict[str, float], networks: dict[str, nn.Module]) -> str:
     parts = [f"epoch {int(row['epoch'])}"]
     for name in networks:
         if f"test/{name}/top1" in row:
-            parts.append(f"{name}: val {row[f'val/{name}/top1']:.2f} test {row[f'test/{name}/top1']:.2f} "
-                         f"ece {100 * row[f'test/{name}/ece']:.2f}")
+            val = f"val {row[f'val/{name}/top1']:.2f} " if f"val/{name}/top1" in row else ""
+            parts.append(f"{name}: {val}test {row[f'test/{name}/top1']:.2f} ece {100 * row[f'test/{name}/ece']:.2f} %")
     parts.append(f"{row['time/images_per_s']:.0f} img/s")
     return " | ".join(parts)

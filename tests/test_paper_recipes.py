@@ -38,7 +38,9 @@ def test_recipe_builds_and_trains_one_step(recipe: Path, monkeypatch: pytest.Mon
     config = load_config("params.yaml", extra=overlay)
     method_name = recipe.stem.split("_")[0]
     assert method_name in overlay["methods"]
-    assert method_name in config.pipeline["standalone"] + config.pipeline["distill"]
+    assert method_name in config.pipeline.methods and "teacher" in config.pipeline.methods
+    # The papers' protocol: the whole training set trains and the best epoch is chosen on test.
+    assert config.dataset.val_fraction == 0
     assert config.dataset.name in DATASET_SHAPES and config.models.teacher in models.available()
     for name, raw in overlay["methods"].items():  # every method block of the recipe is valid
         get_method(name).parse_params(raw)
@@ -63,3 +65,48 @@ def test_recipe_builds_and_trains_one_step(recipe: Path, monkeypatch: pytest.Mon
     total.backward()
     for role in roles:
         assert any(p.grad is not None for p in method.roles()[role].parameters()), role
+
+
+def test_switokd_recipes_use_its_own_wrn_and_table4s_rows() -> None:
+    for recipe in ("switokd_cifar10", "switokd_cifar100"):
+        config = load_config(PROJECT / "params.yaml", extra=yaml.safe_load((PROJECT / "configs" / "papers" / f"{recipe}.yaml").read_text()))
+        assert config.models.teacher.startswith("switokd_wrn_") and config.recipe.epochs == 299  # range(1, 300)
+        assert {"vanilla", "dml", "kdcl", "switokd"} <= set(config.pipeline.methods)
+
+
+def test_sokd_recipe_loads_data_as_its_code_does() -> None:
+    config = load_config(PROJECT / "params.yaml", extra=yaml.safe_load((PROJECT / "configs" / "papers" / "sokd_cifar100.yaml").read_text()))
+    assert config.dataset.augment.padding_mode == "reflect" and config.dataset.normalization == "cifar10"
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_on_the_whole_training_set_and_reports_the_test_selected_best(tmp_path: Path) -> None:
+    """The recipe command end to end on a CIFAR-10 fixture in the real pickle format (tiny networks,
+    one epoch): every image of the training set trains, metrics.json and the report say best on test."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.data_fixtures import write_cifar10
+
+    write_cifar10(tmp_path / "raw", n_train=160, n_test=40)
+    overrides = ["dataset.raw_root=raw", "dataset.verify_md5=false", "recipe.epochs=2", "recipe.batch_size=32",
+                 "models.teacher=resnet8", "models.student=resnet8", "pipeline.seeds=[0]",
+                 "pipeline.methods=[vanilla,kd]", "runtime.threads=1"]
+    command = [sys.executable, "-m", "reproduce", "recipe", str(PROJECT / "configs" / "papers" / "switokd_cifar10.yaml"),
+               "--params", str(PROJECT / "params.yaml"), "--no-track", *[f"--set={o}" for o in overrides]]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT), "HOME": str(tmp_path)}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "the papers' protocol" in result.stdout
+    manifest = json.loads((tmp_path / "data" / "prepared" / "cifar10" / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == 160 and manifest["counts"]["val"] == 0
+    runs = tmp_path / "runs-papers" / "switokd_cifar10"
+    for name in ("teacher", "vanilla", "kd"):
+        summary = json.loads((runs / name / "seed0" / "metrics.json").read_text())
+        assert summary["selection"] == "test" and "best_test_selected" in summary and "best" not in summary
+    report = subprocess.run([sys.executable, "-m", "analysis", "--runs", str(runs), "--out", str(tmp_path / "reports"),
+                             "--params", str(PROJECT / "params.yaml"), "--no-track"], cwd=tmp_path,
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "selected on test" in (tmp_path / "reports" / "index.html").read_text()
