@@ -88,7 +88,8 @@ def _figure(entry: FigureEntry) -> str:
     data = base64.b64encode(entry.png.read_bytes()).decode("ascii")
     return (f'<figure id="fig-{html.escape(entry.stem)}"><img alt="{html.escape(entry.title)}" '
             f'src="data:image/png;base64,{data}"><figcaption><strong>{html.escape(entry.title)}.</strong> '
-            f"{html.escape(entry.caption)} (figures/{html.escape(entry.stem)}.pdf)</figcaption></figure>")
+            f"{html.escape(entry.caption)} (figures/{html.escape(entry.stem)}.png"
+            f"{', .pdf' if entry.png.with_suffix('.pdf').exists() else ''})</figcaption></figure>")
 
 
 def render_page(title: str, lead: str, sections: list[Section]) -> str:

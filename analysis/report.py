@@ -251,7 +251,7 @@ def reliability_figures(calibrations: list[NetworkCalibration], aggregate: Aggre
                                    f"Test set at the {epoch}, every method's student; {pooling}. Bars: accuracy "
                                    f"per confidence bin; hatched: the gap to the diagonal; below: share of samples per "
                                    f"bin, mean confidence (solid) and accuracy (dashed).",
-                                   save_figure(figure, directory, f"reliability_students{suffix}", settings.png_dpi),
+                                   save_figure(figure, directory, f"reliability_students{suffix}", settings.png_dpi, settings.pdf),
                                    wide=True))
     for label in labels:
         for network in aggregate.networks(label):
@@ -272,7 +272,7 @@ def reliability_figures(calibrations: list[NetworkCalibration], aggregate: Aggre
                 ts = "Temperature scaling: not available (no validation split; it is never fitted on test)."
             caption = f"Test set at the {epoch}, {len(group)} seed(s); {pooling}. {ts}"
             entries.append(FigureEntry(stem, f"Reliability: {name}", caption,
-                                       save_figure(figure, directory, stem, settings.png_dpi), wide=False))
+                                       save_figure(figure, directory, stem, settings.png_dpi, settings.pdf), wide=False))
     return entries
 
 
@@ -291,14 +291,14 @@ def curve_figures(runset: RunSet, labels: list[str], settings: AnalysisSettings,
         entries.append(FigureEntry("curves_overview", "Test top-1 per epoch, all methods",
                                    "Mean over seeds, band ± one std. Teacher networks: the teacher method and the "
                                    "online methods' (an offline method's frozen teacher is the teacher method's).",
-                                   save_figure(overview, directory, "curves_overview", settings.png_dpi), wide=True))
+                                   save_figure(overview, directory, "curves_overview", settings.png_dpi, settings.pdf), wide=True))
     for label in labels:
         figure = curves_figure(histories[label], settings.display_name(label))
         if figure is not None:
             entries.append(FigureEntry(f"curves_{label}", f"{settings.display_name(label)}: accuracy and loss",
                                        f"{len(histories[label])} seed(s); test solid, validation dashed; "
                                        f"mean ± one std.",
-                                       save_figure(figure, directory, f"curves_{label}", settings.png_dpi), wide=True))
+                                       save_figure(figure, directory, f"curves_{label}", settings.png_dpi, settings.pdf), wide=True))
     return entries
 
 
@@ -312,7 +312,7 @@ def signal_figures(runset: RunSet, labels: list[str], settings: AnalysisSettings
                                        f"Signals logged (signal/* columns of history.tsv, per-epoch means over "
                                        f"steps): {', '.join(signal_names(histories))}; {len(histories)} seed(s), "
                                        f"mean ± one std.",
-                                       save_figure(figure, directory, f"signals_{label}", settings.png_dpi),
+                                       save_figure(figure, directory, f"signals_{label}", settings.png_dpi, settings.pdf),
                                        wide=figure.get_figwidth() > 4))
     return entries
 
@@ -327,7 +327,7 @@ def sweep_figures(sweeps: list[Sweep], settings: AnalysisSettings, directory: Pa
                                        "Objective of every trial on the validation split carved from the training "
                                        "set, the best so far among complete trials, and each parameter's "
                                        "importance for it.",
-                                       save_figure(figure, directory, f"sweep_{sweep.method}", settings.png_dpi),
+                                       save_figure(figure, directory, f"sweep_{sweep.method}", settings.png_dpi, settings.pdf),
                                        wide=figure.get_figwidth() > 4))
     return entries
 

@@ -26,6 +26,7 @@ class AnalysisSettings:
     # Where the papers' main tables live: listed for reference when no published number matches our runs.
     reference_dataset: str = "cifar100"
     png_dpi: int = 200
+    pdf: bool = False  # also write every figure as PDF (vector, for a paper)
     grid_columns: int = 3  # reliability diagrams per row in the all-methods grid
 
     def validate(self) -> None:

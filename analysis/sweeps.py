@@ -42,7 +42,12 @@ def load_sweeps(root: Path) -> list[Sweep]:
     """One Sweep per method folder; an absent or empty ``root`` means no sweep was run."""
     if not root.is_dir():
         return []
-    return [_load_sweep(path) for path in sorted(root.iterdir()) if path.is_dir()]
+    return [_load_sweep(path) for path in sorted(root.iterdir()) if path.is_dir() and not (path / NOT_SWEPT).exists()]
+
+
+# What a pipeline stage leaves in sweeps/results/<method>/ of a method with no search space (DVC
+# needs the stage's declared output to exist): not a sweep.
+NOT_SWEPT = "not_swept.txt"
 
 
 def _load_sweep(path: Path) -> Sweep:

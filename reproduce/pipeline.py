@@ -126,6 +126,9 @@ def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), ch
         from sweeps.study import run_study
 
         study = run_study(config, method, track=track)
+    elif sweep:  # the stage declares sweeps/results/<method> for every method
+        atomic_write_text(Path("sweeps/results") / method / "not_swept.txt",
+                          f"{method} declares no search space (search_space = {{}}): nothing to tune.\n")
     histories = [_read_history(runs_root / method / f"seed{seed}" / "history.tsv") for seed in config.pipeline.seeds]
     write_live(live_root / method, cls, summaries, histories, config, study)
     return {"method": method, "seeds": config.pipeline.seeds, "headline": headline(cls, summaries)}

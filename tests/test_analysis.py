@@ -72,7 +72,7 @@ def write_params(path: Path, val_fraction: float = 0.15, **analysis: object) -> 
     params["models"] = {"teacher": "resnet8", "student": "resnet8"}
     params["dataset"]["val_fraction"] = val_fraction
     params["tracking"]["wandb"]["enabled"] = False
-    params["analysis"] = {**params.get("analysis", {}), "png_dpi": 80,
+    params["analysis"] = {**params.get("analysis", {}), "png_dpi": 80, "pdf": True,
                           "published_results": str(PROJECT / "analysis" / "published_results.yaml"), **analysis}
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

@@ -198,6 +198,26 @@ class OnlinePairMethod(Method):
         return {"teacher": self.teacher, "student": self.student}
 
 
+class PeerGroupMethod(Method):
+    """Online distillation of K >= 2 peers trained from scratch together: the pair of params.yaml
+    ``models`` (``teacher`` is simply the larger peer) plus ``params.extra_students`` more copies of
+    the student architecture, each its own role. Subclasses compute every peer's losses from one
+    forward per peer (O(K), not O(K²))."""
+
+    online = True
+
+    def __init__(self, networks: Networks, params: Any) -> None:
+        super().__init__(networks, params)
+        if params.extra_students < 0:
+            raise ConfigError(f"methods.{self.name}.extra_students: must be >= 0, got {params.extra_students}")
+        peers = {"teacher": networks.fresh_teacher(), "student": networks.student()}
+        peers.update({f"student{k + 2}": networks.student() for k in range(params.extra_students)})
+        self.peers = nn.ModuleDict(peers)
+
+    def roles(self) -> dict[str, nn.Module]:
+        return dict(self.peers.items())
+
+
 def get_method(name: str) -> type[Method]:
     import reproduce.methods  # noqa: F401  (importing the package registers every method)
 

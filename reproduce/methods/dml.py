@@ -11,18 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from reproduce.config import ConfigError
 from reproduce.losses import cross_entropy, kd_loss
-from reproduce.methods.base import Method, Networks, Step, register
+from reproduce.methods.base import PeerGroupMethod, Step, register
 
 
 @register
-class DML(Method):
+class DML(PeerGroupMethod):
     name = "dml"
     display_name = "DML"
-    online = True
     row_order = 20
     search_space = {
         "temperature": {"type": "float", "low": 1, "high": 4},
@@ -34,19 +32,6 @@ class DML(Method):
         temperature: float = 1.0
         kd_weight: float = 1.0
         extra_students: int = 0  # K = 2 + extra_students peers
-
-        def validate(self) -> None:
-            if self.extra_students < 0:
-                raise ConfigError("methods.dml.extra_students: must be >= 0")
-
-    def __init__(self, networks: Networks, params: Params) -> None:
-        super().__init__(networks, params)
-        peers = {"teacher": networks.fresh_teacher(), "student": networks.student()}
-        peers.update({f"student{k + 2}": networks.student() for k in range(params.extra_students)})
-        self.peers = nn.ModuleDict(peers)
-
-    def roles(self) -> dict[str, nn.Module]:
-        return dict(self.peers.items())
 
     def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
         logits = {role: network(x) for role, network in self.peers.items()}

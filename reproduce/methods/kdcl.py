@@ -56,10 +56,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from reproduce.losses import cross_entropy, kd_loss
-from reproduce.methods.base import ConfigError, Method, Networks, Step, check_choice, mean_of, register
+from reproduce.methods.base import PeerGroupMethod, Step, check_choice, mean_of, register
 
 LINEAR_OBJECTIVES = ("least_squares", "cross_entropy")
 LINEAR_CE_STEPS = 50  # exponentiated-gradient steps; the objective is convex in N weights, 50 is plenty
@@ -158,10 +158,9 @@ ENSEMBLES: dict[str, Callable[[list[Tensor], Tensor], Tensor]] = {
 
 
 @register
-class KDCL(Method):
+class KDCL(PeerGroupMethod):
     name = "kdcl"
     display_name = "KDCL"
-    online = True
     row_order = 21
     search_space = {
         "temperature": {"type": "float", "low": 1, "high": 4},
@@ -180,17 +179,6 @@ class KDCL(Method):
         def validate(self) -> None:
             check_choice(self.ensemble, tuple(ENSEMBLES), "methods.kdcl.ensemble")
             check_choice(self.linear_objective, LINEAR_OBJECTIVES, "methods.kdcl.linear_objective")
-            if self.extra_students < 0:
-                raise ConfigError("methods.kdcl.extra_students: must be >= 0")
-
-    def __init__(self, networks: Networks, params: Params) -> None:
-        super().__init__(networks, params)
-        peers = {"teacher": networks.fresh_teacher(), "student": networks.student()}
-        peers.update({f"student{k + 2}": networks.student() for k in range(params.extra_students)})
-        self.peers = nn.ModuleDict(peers)
-
-    def roles(self) -> dict[str, nn.Module]:
-        return dict(self.peers.items())
 
     def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
         return self.collaborative_losses({role: network(x) for role, network in self.peers.items()}, y)
