@@ -134,8 +134,10 @@ def test_dvc_exp_run_set_param_and_exp_show_lists_both_experiments(project) -> N
     root, env = project
     _run(["git", "add", "-A"], root, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "after repro"], root, env)
-    # The README's example; `dvc exp run -S` rewrites params.yaml, so YAML booleans must be accepted.
-    _dvc(root, env, "exp", "run", "-n", "kd-t2", "-S", "methods.kd.temperature=2", "-S", "runtime.compile=off")
+    # The README's example. `++` because params.yaml lists only overrides (methods.kd: {}), and DVC's
+    # -S (Hydra's grammar) refuses a new key without it; -S rewrites params.yaml, so the unquoted
+    # `off` it writes back must still be accepted.
+    _dvc(root, env, "exp", "run", "-n", "kd-t2", "-S", "++methods.kd.temperature=2", "-S", "runtime.compile=off")
     table = json.loads(_dvc(root, env, "exp", "show", "--json"))
     rows = [row for baseline in table for row in [baseline, *[exp for exp in baseline.get("experiments") or []
                                                               for exp in [exp["revs"][0]]]]]
