@@ -263,7 +263,7 @@ def test_a_published_best_epoch_matches_only_a_test_selected_run() -> None:
 def test_kdcl_rows_compare_on_the_switokd_setup() -> None:
     settings = parse_settings({})
     published = load_published(PROJECT / "analysis" / "published_results.yaml")
-    setup = Setup("cifar100", "wrn_16_2", "mobilenetv2_0.5")
+    setup = Setup("cifar100", "switokd_wrn_16_2", "mobilenetv2_0.5")  # the recipe's pair: SwitOKD's own WRN
     records = pd.DataFrame([{"label": "kdcl", "seed": seed, "network": network,
                              "top1_best_test_selected": value, "top1_last": value - 1}
                             for seed, (student, teacher) in enumerate([(66.0, 73.0), (67.0, 74.0), (68.0, 75.0)])

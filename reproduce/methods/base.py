@@ -206,10 +206,15 @@ class PeerGroupMethod(Method):
 
     online = True
 
+    @classmethod
+    def parse_params(cls, raw: dict[str, Any] | None) -> Any:
+        params = super().parse_params(raw)
+        if params.extra_students < 0:
+            raise ConfigError(f"methods.{cls.name}.extra_students: must be >= 0, got {params.extra_students}")
+        return params
+
     def __init__(self, networks: Networks, params: Any) -> None:
         super().__init__(networks, params)
-        if params.extra_students < 0:
-            raise ConfigError(f"methods.{self.name}.extra_students: must be >= 0, got {params.extra_students}")
         peers = {"teacher": networks.fresh_teacher(), "student": networks.student()}
         peers.update({f"student{k + 2}": networks.student() for k in range(params.extra_students)})
         self.peers = nn.ModuleDict(peers)
