@@ -21,14 +21,11 @@ import math
 
 from torch import Tensor, nn
 
-from reproduce.models.base import SplitNet, classifier_head
+from reproduce.models.base import SplitNet
 from reproduce.models.registry import register
+from reproduce.models.wrn import bn_relu, wide_resnet
 
 FINAL_BN_MOMENTUM = 0.9
-
-
-def bn_relu(channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -56,12 +53,6 @@ class SwitOKDWideBlock(nn.Module):
         return self.residual(x) + self.shortcut(x)
 
 
-def make_stage(in_channels: int, out_channels: int, num_blocks: int, stride: int) -> nn.Sequential:
-    blocks = [SwitOKDWideBlock(in_channels, out_channels, stride)]
-    blocks += [SwitOKDWideBlock(out_channels, out_channels, 1) for _ in range(num_blocks - 1)]
-    return nn.Sequential(*blocks)
-
-
 def init_switokd_weights(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -74,25 +65,8 @@ def init_switokd_weights(model: nn.Module) -> None:
 
 def switokd_wide_resnet(depth: int, widen: int, num_classes: int, in_channels: int) -> SplitNet:
     """SwitOKD's WRN-depth-widen: a biased 3x3 stem, three stages of 16k/32k/64k channels."""
-    blocks_per_stage = (depth - 4) // 6
-    if 6 * blocks_per_stage + 4 != depth:
-        raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
-    widths = [16, 16 * widen, 32 * widen, 64 * widen]
-    trunk = nn.Sequential(
-        conv3x3(in_channels, widths[0]),
-        make_stage(widths[0], widths[1], blocks_per_stage, stride=1),
-        make_stage(widths[1], widths[2], blocks_per_stage, stride=2),
-    )
-    head = classifier_head(
-        make_stage(widths[2], widths[3], blocks_per_stage, stride=2),
-        nn.BatchNorm2d(widths[3], momentum=FINAL_BN_MOMENTUM),
-        nn.ReLU(inplace=True),
-        features=widths[3],
-        num_classes=num_classes,
-    )
-    model = SplitNet(trunk, head)
-    init_switokd_weights(model)
-    return model
+    return wide_resnet(depth, widen, num_classes, in_channels, block=SwitOKDWideBlock, stem=conv3x3,
+                       final_bn_momentum=FINAL_BN_MOMENTUM, init=init_switokd_weights)
 
 
 def register_switokd_wrn(depth: int, widen: int) -> None:

@@ -9,6 +9,8 @@ He (fan-out) convolutions without biases, identity BN, a classifier with PyTorch
 and a zero bias. SwitOKD's own WRNs differ and live in switokd_wrn.py.
 """
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from reproduce.models.base import SplitNet, classifier_head, init_cifar_weights
@@ -46,31 +48,37 @@ class PreActBlock(nn.Module):
         return self.residual(activated) + shortcut
 
 
-def make_stage(in_channels: int, out_channels: int, num_blocks: int, stride: int) -> nn.Sequential:
-    blocks = [PreActBlock(in_channels, out_channels, stride)]
-    blocks += [PreActBlock(out_channels, out_channels, 1) for _ in range(num_blocks - 1)]
+def make_stage(block: Callable[[int, int, int], nn.Module], in_channels: int, out_channels: int, num_blocks: int,
+               stride: int) -> nn.Sequential:
+    blocks = [block(in_channels, out_channels, stride)]
+    blocks += [block(out_channels, out_channels, 1) for _ in range(num_blocks - 1)]
     return nn.Sequential(*blocks)
 
 
-def wide_resnet(depth: int, widen: int, num_classes: int, in_channels: int) -> SplitNet:
+def wide_resnet(depth: int, widen: int, num_classes: int, in_channels: int, *,
+                block: Callable[[int, int, int], nn.Module] = PreActBlock,
+                stem: Callable[[int, int], nn.Module] = conv3x3, final_bn_momentum: float = 0.1,
+                init: Callable[[nn.Module], None] = init_cifar_weights) -> SplitNet:
+    """WRN-depth-widen: a 3x3 stem, three stages of 16k/32k/64k channels, BN-ReLU, the classifier.
+    The defaults are CRD's; SwitOKD's own WRN (switokd_wrn.py) passes its block, stem, BN and init."""
     blocks_per_stage = (depth - 4) // 6
     if 6 * blocks_per_stage + 4 != depth:
         raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
     widths = [16, 16 * widen, 32 * widen, 64 * widen]
     trunk = nn.Sequential(
-        conv3x3(in_channels, widths[0]),
-        make_stage(widths[0], widths[1], blocks_per_stage, stride=1),
-        make_stage(widths[1], widths[2], blocks_per_stage, stride=2),
+        stem(in_channels, widths[0]),
+        make_stage(block, widths[0], widths[1], blocks_per_stage, stride=1),
+        make_stage(block, widths[1], widths[2], blocks_per_stage, stride=2),
     )
     head = classifier_head(
-        make_stage(widths[2], widths[3], blocks_per_stage, stride=2),
-        nn.BatchNorm2d(widths[3]),
+        make_stage(block, widths[2], widths[3], blocks_per_stage, stride=2),
+        nn.BatchNorm2d(widths[3], momentum=final_bn_momentum),
         nn.ReLU(inplace=True),
         features=widths[3],
         num_classes=num_classes,
     )
     model = SplitNet(trunk, head)
-    init_cifar_weights(model)
+    init(model)
     return model
 
 
