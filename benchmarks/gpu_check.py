@@ -10,7 +10,7 @@ Sections, each printing its elapsed time:
 2. equivalence  for every registered method, the loss terms of its first training steps under
                 channels_last, bf16 autocast, and bf16 + channels_last + torch.compile (the engine's
                 CUDA runtime with compile on), each against plain fp32 from the same weights and data.
-3. throughput   images/s of ``engine.train_step`` for every method, CIFAR pair and batch size, in
+3. throughput   images/s of ``train_step`` for every method, CIFAR pair and batch size, in
                 fp32, bf16 + channels_last, and compiled, with each cell's peak GPU memory.
 4. epoch        one 50,000-image CIFAR-100-shaped epoch of KD: generated uint8 data written in the
                 CIFAR release format, prepared by the suite, resident on the GPU in its DeviceLoader;
@@ -43,7 +43,9 @@ from typing import Any
 import torch
 
 from benchmarks.throughput import benchmark_runtime, build_for_runtime, random_batch, steps_per_second
-from reproduce import engine
+from reproduce.runtime import Runtime, resolve_runtime
+from reproduce.train.optim import set_learning_rates
+from reproduce.train.step import train_step
 from reproduce.config import RuntimeConfig, config_from_dict, deep_merge
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -179,7 +181,7 @@ def registered_methods() -> list[str]:
     return [cls.name for cls in sorted(METHODS.values(), key=lambda cls: (cls.row_order, cls.name))]
 
 
-def variant_runtime(variant: str, device: torch.device) -> engine.Runtime:
+def variant_runtime(variant: str, device: torch.device) -> Runtime:
     amp, channels_last, compile = VARIANTS[variant]
     return benchmark_runtime(device, amp=amp, channels_last=channels_last, compile=compile)
 
@@ -292,7 +294,7 @@ def equivalence_batches(settings: dict[str, Any]) -> list[tuple[torch.Tensor, to
              torch.randint(0, classes, (eq["batch"],), generator=generator)) for _ in range(eq["steps"])]
 
 
-def loss_terms(method_name: str, settings: dict[str, Any], runtime: engine.Runtime) -> dict[str, float]:
+def loss_terms(method_name: str, settings: dict[str, Any], runtime: Runtime) -> dict[str, float]:
     """Every loss term of the method's first steps, ``"step<k> <role>/<term>"``, from the same
     initial weights (seeded construction) and the same batches in every runtime."""
     eq = settings["equivalence"]
@@ -304,7 +306,7 @@ def loss_terms(method_name: str, settings: dict[str, Any], runtime: engine.Runti
     for index, (x, y) in enumerate(equivalence_batches(settings), start=1):
         torch.manual_seed(eq["seed"] + index)  # a method that draws in its step (R2KD's CutMix) draws the same
         x = x.to(runtime.device).contiguous(memory_format=memory_format)
-        step = engine.train_step(method, optimizers, x, y.to(runtime.device), 1, runtime)
+        step = train_step(method, optimizers, x, y.to(runtime.device), 1, runtime)
         for role, losses in step.losses.items():
             for term, value in losses.items():
                 terms[f"step{index} {role}/{term}"] = float(value.detach().float())
@@ -411,7 +413,7 @@ def measure_cell(method_name: str, pair: tuple[str, str], batch: int, variant: s
 def run_throughput(settings: dict[str, Any], methods: list[str], device: torch.device, deadline: float) -> bool:
     tp = settings["throughput"]
     variants = tp["variants"]
-    print(f"images/s of engine.train_step ({tp['warmup']} warm-up + {tp['steps']} timed steps per cell), "
+    print(f"images/s of train_step ({tp['warmup']} warm-up + {tp['steps']} timed steps per cell), "
           f"{settings['channels']}x{settings['image_size']}x{settings['image_size']}, {settings['classes']} classes; "
           f"peak MiB = torch.cuda.max_memory_allocated")
     header = (f"{'pair':24s} {'batch':>5s} {'method':10s} " + " ".join(f"{v:>16s}" for v in variants)
@@ -550,7 +552,7 @@ def time_epoch(settings: dict[str, Any], prepared_root: Path, device: torch.devi
     config = pair_config(ep["pair"], dataset={"name": "cifar100", "prepared_root": str(prepared_root),
                                               "val_fraction": 0.0}, recipe={"batch_size": ep["batch"]})
     # The runtime a training run resolves on this machine by default (bf16 + channels_last on CUDA).
-    runtime = engine.resolve_runtime(RuntimeConfig(device=str(device), compile="on" if compile else "off"))
+    runtime = resolve_runtime(RuntimeConfig(device=str(device), compile="on" if compile else "off"))
     prepared = load_prepared(config.dataset.prepared_dir)
     peak_memory_reset(device)
     train_batches, _ = make_loaders(prepared, config.dataset, batch_size=ep["batch"],
@@ -564,7 +566,7 @@ def time_epoch(settings: dict[str, Any], prepared_root: Path, device: torch.devi
     for index, (x, y) in enumerate(train_batches.epoch(0)):  # another shuffle than the timed epoch's
         if index == ep["warmup_steps"]:
             break
-        engine.train_step(method, optimizers, x, y, 1, runtime)
+        train_step(method, optimizers, x, y, 1, runtime)
     sync(device)
     warmup_s = time.perf_counter() - started
 
@@ -572,8 +574,8 @@ def time_epoch(settings: dict[str, Any], prepared_root: Path, device: torch.devi
     with GpuSampler(device) as sampler:
         started = time.perf_counter()
         for index, (x, y) in enumerate(train_batches.epoch(1)):
-            engine.set_learning_rates(optimizers, config.recipe, 1, index / steps)
-            engine.train_step(method, optimizers, x, y, 1, runtime, index)
+            set_learning_rates(optimizers, config.recipe, 1, index / steps)
+            train_step(method, optimizers, x, y, 1, runtime, index)
         sync(device)
         seconds = time.perf_counter() - started
     peak = peak_memory(device)

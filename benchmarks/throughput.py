@@ -1,4 +1,4 @@
-"""Training throughput (images/s) of the engine's training step (``reproduce.engine.train_step``), per
+"""Training throughput (images/s) of the engine's training step (``reproduce.train_step``), per
 method, network pair, input size and runtime option.
 
     python -m benchmarks.throughput                       # the embedded default pair on this device
@@ -19,7 +19,10 @@ import time
 import torch
 from torch import nn
 
-from reproduce import engine
+from reproduce.methods.base import build_method
+from reproduce.runtime import Runtime, resolve_runtime
+from reproduce.train import make_optimizer, train, train_step
+from reproduce.train.build import make_networks
 from reproduce.config import AugmentConfig, Config, RuntimeConfig, config_from_dict
 from reproduce.data.loader import DeviceLoader, Normalise
 from reproduce.data.prepare import Split
@@ -31,30 +34,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def benchmark_runtime(device: torch.device, *, amp: bool, channels_last: bool, compile: bool) -> engine.Runtime:
+def benchmark_runtime(device: torch.device, *, amp: bool, channels_last: bool, compile: bool) -> Runtime:
     """The engine's runtime for explicit switches (resolved by the engine, as a training run's would be)."""
-    return engine.resolve_runtime(RuntimeConfig(device=str(device), amp="bf16" if amp else "off",
+    return resolve_runtime(RuntimeConfig(device=str(device), amp="bf16" if amp else "off",
                                                 channels_last="on" if channels_last else "off",
                                                 compile="on" if compile else "off"))
 
 
-def build_for_runtime(method_name: str, config: Config, classes: int, channels: int, runtime: engine.Runtime,
+def build_for_runtime(method_name: str, config: Config, classes: int, channels: int, runtime: Runtime,
                       ) -> tuple[Method, dict[str, torch.optim.Optimizer]]:
-    """The method and its optimisers placed, formatted and compiled as ``engine.train`` does.
+    """The method and its optimisers placed, formatted and compiled as ``train`` does.
 
     Offline methods get a randomly initialised, frozen teacher of ``models.teacher`` instead of the
     trained checkpoint: the cost of a step and the numerics of its losses do not depend on what the
     teacher learned, and a benchmark must not need a trained run on disk."""
-    networks = engine.make_networks(config, classes, channels, runtime.device)
+    networks = make_networks(config, classes, channels, runtime.device)
 
     def random_frozen_teacher() -> nn.Module:
         return networks.fresh_teacher().requires_grad_(False).eval()
 
-    method = engine.build_method(config, method_name, dataclasses.replace(networks, load_teacher=random_frozen_teacher))
+    method = build_method(config, method_name, dataclasses.replace(networks, load_teacher=random_frozen_teacher))
     method.to(runtime.device)
     if runtime.channels_last:
         method.to(memory_format=torch.channels_last)
-    optimizers = {role: engine.make_optimizer(module, config.recipe.optimizer_for(role))
+    optimizers = {role: make_optimizer(module, config.recipe.optimizer_for(role))
                   for role, module in method.roles().items()}
     if runtime.compile:
         for network in method.eval_networks().values():
@@ -63,7 +66,7 @@ def build_for_runtime(method_name: str, config: Config, classes: int, channels: 
     return method, optimizers
 
 
-def random_batch(batch: int, channels: int, size: int, classes: int, runtime: engine.Runtime,
+def random_batch(batch: int, channels: int, size: int, classes: int, runtime: Runtime,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Standardised-looking inputs in the memory format the engine's loaders hand out."""
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
@@ -72,17 +75,17 @@ def random_batch(batch: int, channels: int, size: int, classes: int, runtime: en
 
 
 def steps_per_second(method: Method, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor,
-                     y: torch.Tensor, runtime: engine.Runtime, *, warmup: int, steps: int, repeats: int) -> float:
+                     y: torch.Tensor, runtime: Runtime, *, warmup: int, steps: int, repeats: int) -> float:
     """Median over ``repeats`` windows of ``steps`` engine training steps, after ``warmup`` untimed
     ones (where a compiled network compiles)."""
     for _ in range(warmup):
-        engine.train_step(method, optimizers, x, y, 1, runtime)
+        train_step(method, optimizers, x, y, 1, runtime)
     rates = []
     for _ in range(repeats):
         _sync(runtime.device)
         start = time.perf_counter()
         for _ in range(steps):
-            engine.train_step(method, optimizers, x, y, 1, runtime)
+            train_step(method, optimizers, x, y, 1, runtime)
         _sync(runtime.device)
         rates.append(steps / (time.perf_counter() - start))
     return statistics.median(rates)
@@ -91,7 +94,7 @@ def steps_per_second(method: Method, optimizers: dict[str, torch.optim.Optimizer
 def method_throughput(method_name: str, teacher: str, student: str, size: int, channels: int, classes: int,
                       batch: int, device: torch.device, steps: int, repeats: int, channels_last: bool,
                       amp: bool, compile: bool = False) -> float:
-    """Images/s of ``engine.train_step`` for one method, pair and runtime."""
+    """Images/s of ``train_step`` for one method, pair and runtime."""
     runtime = benchmark_runtime(device, amp=amp, channels_last=channels_last, compile=compile)
     config = config_from_dict({"models": {"teacher": teacher, "student": student}})
     method, optimizers = build_for_runtime(method_name, config, classes, channels, runtime)

@@ -93,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.params_from and not isinstance(extra, dict):
         raise ConfigError(f"{args.params_from}: expected a mapping like {{methods: {{{args.method}: {{...}}}}}}")
     config = load_config(args.params, args.overrides, extra=extra)
-    from reproduce.engine import RunSpec, train
+    from reproduce.train import RunSpec, train
 
     spec = RunSpec.default(args.method, args.seed, runs_root="runs-adhoc", checkpoints_root="checkpoints/adhoc")
     if args.out:

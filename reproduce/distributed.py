@@ -86,7 +86,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 if TYPE_CHECKING:
     from reproduce.config import RuntimeConfig
-    from reproduce.engine import Runtime
+    from reproduce.runtime import Runtime
     from reproduce.methods.base import Method
 
 

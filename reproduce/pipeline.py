@@ -108,7 +108,7 @@ def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), ch
               sweep: bool = True) -> dict[str, Any]:
     """Train ``method`` for every seed of ``pipeline.seeds``, run its study (``sweep`` and a search
     space), then write ``dvclive/<method>/``."""
-    from reproduce.engine import RunSpec, train
+    from reproduce.train import RunSpec, train
     from reproduce.methods import get_method
 
     cls = get_method(method)

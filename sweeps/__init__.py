@@ -6,7 +6,7 @@
   name (method + hash of what makes trials comparable).
 - ``study``: storage (SQLite, PostgreSQL or any RDB URL, or a journal file), the exact shared trial
   budget, interrupted trials (heartbeat, process id, retried), the objective (one
-  ``reproduce.engine.train`` run per trial, scored on validation, nested under the study's tracked
+  ``reproduce.train.train`` run per trial, scored on validation, nested under the study's tracked
   run), worker processes.
 - ``report``: results from the storage: best_params.yaml, trials.csv, pareto.csv, importance.json, plots,
   and the study run's summary.

@@ -62,7 +62,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from reproduce.config import Config, ConfigError, config_from_dict
 from reproduce.data.prepare import MANIFEST
-from reproduce.engine import EpochCallback, RunSpec, train
+from reproduce.train import EpochCallback, RunSpec, train
 from reproduce.io import atomic_write_text
 from reproduce.methods import get_method
 from reproduce.tracking import Tracker

@@ -64,7 +64,7 @@ def tiny_config(prepared_root: Path, tmp_path: Path, **sections: dict) -> Config
 @pytest.fixture(scope="session")
 def teacher_runs_root(prepared_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A teacher trained once per session (3 epochs of resnet8) for the offline methods' tests."""
-    from reproduce.engine import RunSpec, train
+    from reproduce.train import RunSpec, train
 
     tmp = tmp_path_factory.mktemp("teacher")
     config = tiny_config(prepared_root, tmp, recipe={"epochs": 3})

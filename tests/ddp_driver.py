@@ -51,7 +51,7 @@ def _audit(event: str, args: tuple) -> None:
 def _instrument() -> None:
     import torch
 
-    import reproduce.engine as engine
+    import reproduce.train.loop as engine
     from reproduce import distributed
     from reproduce.data.loader import DeviceLoader
 

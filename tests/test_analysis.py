@@ -1,4 +1,4 @@
-"""The analysis stage on real runs written by reproduce/engine.py: the teacher method, the vanilla student, KD
+"""The analysis stage on real runs written by reproduce/train/: the teacher method, the vanilla student, KD
 and DML, two seeds each, trained once for the module on digits with a validation split (selection "val"),
 and a smaller set trained with the paper protocol (no validation split, selection "test"). Numbers in the
 tables are checked against the runs' own files. tests/test_analysis_protocol.py checks the conventions
@@ -25,7 +25,7 @@ from analysis.calibration import T_MAX, T_MIN
 from analysis.report import run_analysis
 from analysis.tables import FROZEN, NO_TS, format_stat, latex_escape
 from reproduce.data.prepare import prepare
-from reproduce.engine import RunSpec, train
+from reproduce.train import RunSpec, train
 from reproduce.metrics import expected_calibration_error, fit_temperature, reliability_bins, temperature_scaled
 from sweeps.report import param_importances, write_best_params, write_trials_csv
 from conftest import PROJECT, tiny_config

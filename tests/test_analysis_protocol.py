@@ -32,7 +32,7 @@ METRIC_DEFAULTS = {"top5": 95.0, "nll": 1.0, "ece": 0.05, "mce": 0.1, "brier": 0
 def write_run(root: Path, label: str, seed: int, selection: str, numbers: dict[str, dict[str, dict[str, float]]],
               *, predictions: dict | None = None, history: pd.DataFrame | None = None, setup: Setup = SETUP,
               legacy: bool = False) -> Path:
-    """runs/<label>/seed<seed>/ as reproduce/engine.py writes it. ``numbers[network][kind]``: test metrics at
+    """runs/<label>/seed<seed>/ as reproduce/train/ writes it. ``numbers[network][kind]``: test metrics at
     "best" (the run's best epoch, whatever its selection) and "last"; missing metrics take METRIC_DEFAULTS.
     ``legacy``: a metrics.json from before the selection key (selection "val" implied)."""
     run_dir = root / label / f"seed{seed}"

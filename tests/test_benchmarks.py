@@ -13,7 +13,7 @@ if str(PROJECT) not in sys.path:  # benchmarks/ is run from the checkout, not in
     sys.path.insert(0, str(PROJECT))
 
 from benchmarks import throughput  # noqa: E402
-from reproduce import engine  # noqa: E402
+from reproduce.train import train_step  # noqa: E402
 from reproduce.config import config_from_dict  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -21,13 +21,13 @@ CPU = torch.device("cpu")
 
 def test_throughput_times_the_engines_training_step(monkeypatch: pytest.MonkeyPatch, one_torch_thread: None) -> None:
     calls = []
-    real_step = engine.train_step
+    real_step = throughput.train_step
 
     def counting_step(method, optimizers, x, y, epoch, runtime, index=None):
         calls.append((x.is_contiguous(memory_format=torch.channels_last), runtime.channels_last, runtime.amp_dtype))
         return real_step(method, optimizers, x, y, epoch, runtime, index)
 
-    monkeypatch.setattr(engine, "train_step", counting_step)
+    monkeypatch.setattr(throughput, "train_step", counting_step)
     rate = throughput.method_throughput("kd", "resnet8x4", "resnet8", size=8, channels=1, classes=10, batch=8,
                                         device=CPU, steps=2, repeats=2, channels_last=True, amp=False)
     assert rate > 0
@@ -44,7 +44,7 @@ def test_offline_methods_get_a_frozen_random_teacher_without_a_checkpoint(tmp_pa
     assert not method.teacher.training and not any(p.requires_grad for p in method.teacher.parameters())
     before = [p.clone() for p in method.teacher.parameters()]
     x, y = throughput.random_batch(8, 1, 8, 10, runtime)
-    engine.train_step(method, optimizers, x, y, 1, runtime)
+    train_step(method, optimizers, x, y, 1, runtime)
     assert all(torch.equal(a, b) for a, b in zip(before, method.teacher.parameters()))
 
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import tiny_config
 from reproduce.config import ConfigError, ScheduleConfig
-from reproduce.engine import CheckpointError, DivergedError, RunSpec, learning_rate, train
+from reproduce.train import CheckpointError, DivergedError, RunSpec, learning_rate, train
 
 
 def _history(run_dir: Path) -> list[dict[str, str]]:
@@ -140,7 +140,9 @@ def test_only_networks_that_cannot_change_are_evaluated_once(prepared_root: Path
                                                               tmp_path: Path, method: str, cached: set[str]) -> None:
     from reproduce.data.loader import make_loaders
     from reproduce.data.prepare import load_prepared
-    from reproduce.engine import evaluate, make_networks, resolve_runtime
+    from reproduce.runtime import resolve_runtime
+    from reproduce.train.build import make_networks
+    from reproduce.train.evaluate import evaluate
     from reproduce.methods.base import build_method
 
     config = tiny_config(prepared_root, tmp_path, teacher={"runs_root": str(teacher_runs_root)})

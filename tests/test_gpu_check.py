@@ -23,7 +23,8 @@ if str(PROJECT) not in sys.path:  # benchmarks/ is run from the checkout, not in
     sys.path.insert(0, str(PROJECT))
 
 from benchmarks import gpu_check  # noqa: E402
-from reproduce import engine  # noqa: E402
+from reproduce.runtime import resolve_runtime  # noqa: E402
+from reproduce.train import RunSpec, train  # noqa: E402
 from reproduce.config import RuntimeConfig, deep_merge  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")
@@ -136,7 +137,7 @@ def test_the_gpu_tests_are_in_the_files_that_mention_it(tmp_path: Path) -> None:
 
 @needs_cuda
 def test_cuda_runtime_auto_is_bf16_and_channels_last() -> None:
-    runtime = engine.resolve_runtime(RuntimeConfig())
+    runtime = resolve_runtime(RuntimeConfig())
     assert runtime.device.type == "cuda"
     assert runtime.channels_last
     assert runtime.amp_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
@@ -178,7 +179,7 @@ def test_cuda_training_run_with_bf16_channels_last_and_compile(prepared_root: Pa
     config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 1},
                          runtime={"device": "cuda", "amp": "bf16", "channels_last": "on", "compile": "on"})
     run_dir = tmp_path / "runs" / "dml" / "seed0"
-    summary = engine.train(config, engine.RunSpec("dml", 0, run_dir, tmp_path / "checkpoints"), track=False)
+    summary = train(config, RunSpec("dml", 0, run_dir, tmp_path / "checkpoints"), track=False)
     assert summary["environment"]["device"].startswith("cuda")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for network in ("teacher", "student"):

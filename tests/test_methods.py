@@ -18,7 +18,8 @@ import reproduce.methods.r2kd as r2kd
 import reproduce.methods.switokd as switokd
 from reproduce import models
 from reproduce.data.augment import AUGMENTATIONS
-from reproduce.engine import RunSpec, Runtime, _train_epoch, make_optimizer, train
+from reproduce.runtime import Runtime
+from reproduce.train import RunSpec, make_optimizer, train, train_epoch
 from reproduce.losses import dkd_parts, forward_kl_per_sample, kd_loss, reverse_kd_loss, target_log_probability
 from reproduce.methods import METHODS, Method, Networks, get_method
 from reproduce.methods.base import ConfigError, registered
@@ -416,7 +417,7 @@ def engine_step(method: Method, tmp_path: Path) -> dict[str, torch.optim.Optimiz
     optimizers = {role: make_optimizer(module, config.recipe.optimizer_for(role))
                   for role, module in method.roles().items()}
     runtime = Runtime(torch.device("cpu"), None, channels_last=False, compile=False)
-    _train_epoch(method, optimizers, OneBatch(batch()[0], torch.zeros(BATCH, dtype=torch.long)), 1, config, runtime)
+    train_epoch(method, optimizers, OneBatch(batch()[0], torch.zeros(BATCH, dtype=torch.long)), 1, config, runtime)
     return optimizers
 
 

@@ -59,7 +59,7 @@ def _tracker(config: TrackingConfig, tmp_path: Path, name: str = "r", **kwargs) 
 def test_a_trained_run_can_be_read_back_from_mlflow_and_wandb(prepared_root: Path, isolated: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from reproduce.engine import RunSpec, train
+    from reproduce.train import RunSpec, train
 
     tmp_path = isolated
     config = tiny_config(prepared_root, tmp_path, tracking=_tracking_raw(tmp_path))
@@ -92,7 +92,7 @@ def test_a_trained_run_can_be_read_back_from_mlflow_and_wandb(prepared_root: Pat
 def test_a_pre_empted_training_run_continues_the_same_tracked_runs(prepared_root: Path, isolated: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from reproduce.engine import RunSpec, train
+    from reproduce.train import RunSpec, train
 
     tmp_path = isolated
     config = tiny_config(prepared_root, tmp_path, tracking=_tracking_raw(tmp_path), recipe={"epochs": 2})
@@ -111,7 +111,7 @@ def test_a_pre_empted_training_run_continues_the_same_tracked_runs(prepared_root
 
 def test_unreachable_tracking_never_fails_the_run(prepared_root: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from reproduce.engine import RunSpec, train
+    from reproduce.train import RunSpec, train
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = tiny_config(prepared_root, tmp_path, tracking={

@@ -1,6 +1,6 @@
 """The method contract: a method owns its networks and computes their losses; the engine owns the rest.
 
-A training step in the engine (reproduce/engine.py) is::
+A training step (reproduce/train/step.py) is::
 
     step = method.step(x, y, epoch)            # named losses per role, detached peer targets
     sum(losses of the roles in step.update).backward()
