@@ -18,8 +18,7 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type."""
+from reproduce.errors import ConfigError  # noqa: E402,F401  (re-exported: the config's own error)
 
 
 @dataclass
