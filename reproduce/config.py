@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class DatasetConfig:
     # Per-channel normalisation: "dataset" (the prepared training split's statistics) or the fixed
     # statistics an official code hard-codes: cifar10 | cifar100 | imagenet.
     normalization: str = "dataset"
+    gpu_decode: bool = False  # ImageNet streaming: decode the JPEGs on the GPU (nvjpeg) instead of in workers
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -101,13 +103,14 @@ class RecipeConfig:
     epochs: int = 240
     batch_size: int = 64
     eval_batch_size: int = 512
+    eval_every: int = 1  # evaluate every this many epochs (always also after the last one)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Per-role optimiser overrides, e.g. {teacher: {lr: 0.1}} for SwitOKD.
     roles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for key in ("epochs", "batch_size", "eval_batch_size"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "eval_every"):
             _at_least(getattr(self, key), 1, f"recipe.{key}")
         self.optimizer.validate()
         for role in self.roles:
@@ -131,11 +134,17 @@ class RuntimeConfig:
     deterministic: bool = False
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     quiet: bool = False  # no progress bar or epoch lines (the bar shows only on a terminal anyway)
-    num_workers: int = 4  # DataLoader workers for "files" storage only
+    # DataLoader workers for "files" storage only; 0 = auto: one per CPU core of the machine.
+    num_workers: int = 0
     # DDP (torchrun): BatchNorm statistics over the global batch instead of each rank's shard, and how
     # long a rank waits for the others (a dead rank must end the job, not hang it).
     sync_batchnorm: bool = False
     ddp_timeout_s: float = 600.0
+
+    @property
+    def loader_workers(self) -> int:
+        """``num_workers`` resolved: 0 (auto) is one worker per CPU core of this machine."""
+        return self.num_workers or os.cpu_count() or 1
 
     def validate(self) -> None:
         _positive(self.ddp_timeout_s, "runtime.ddp_timeout_s")
@@ -155,6 +164,8 @@ class RuntimeConfig:
 class TeacherConfig:
     seed: int = 0  # offline methods distil from the teacher trained with this seed
     runs_root: str = "runs/teacher"
+    # A teacher checkpoint to distil from instead of runs_root/seed<seed>/final.pt (a pretrained teacher).
+    checkpoint: str | None = None
 
     @property
     def weights(self) -> Path:
@@ -184,13 +195,34 @@ class TrackingConfig:
 
 
 @dataclass
+class SlurmConfig:
+    partition: str | None = None  # None: the cluster's default partition
+    time_min: int = 60  # wall-clock limit of one run, minutes
+    gpus_per_task: int = 1
+    cpus_per_task: int = 4
+    array_parallelism: int = 16  # array tasks running at the same time
+
+    def validate(self) -> None:
+        for key in ("time_min", "cpus_per_task", "array_parallelism"):
+            _at_least(getattr(self, key), 1, f"pipeline.slurm.{key}")
+        _at_least(self.gpus_per_task, 0, "pipeline.slurm.gpus_per_task")
+
+
+@dataclass
 class PipelineConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every method trains once per seed
     # Which methods `python -m reproduce recipe` runs (empty: the recipe's method and its baselines are
     # listed by the recipe itself). The DVC pipeline runs every registered method (registry.yaml).
     methods: list[str] = field(default_factory=list)
+    # Fan-out of the runs: "auto" (every visible GPU, else the CPU) | "cpu" | a list of GPU indices "0,1,2,3".
+    devices: str = "auto"
+    runs_per_device: int = 1  # runs sharing one device at a time
+    launcher: str = "local"  # local (processes on this machine) | slurm (one array job through submitit)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def validate(self) -> None:
+        _at_least(self.runs_per_device, 1, "pipeline.runs_per_device")
+        check_choice(self.launcher, ("local", "slurm"), "pipeline.launcher")
         if not self.seeds:
             raise ConfigError("pipeline.seeds: list at least one seed, e.g. [0, 1, 2]")
         if len(set(self.seeds)) != len(self.seeds):
