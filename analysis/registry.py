@@ -16,7 +16,7 @@ UNREGISTERED_ROW = 100  # the registry's default row_order
 def _method(label: str) -> Any:
     from reproduce.methods import METHODS  # importing the package registers every method
 
-    return METHODS.get(label)
+    return METHODS.get(label) if label in METHODS else None
 
 
 def display_name(label: str) -> str:
@@ -31,4 +31,4 @@ def has_frozen_teacher(label: str) -> bool:
     """True when the method distils from the pre-trained teacher (runs/teacher/seed<teacher.seed>): its run's
     ``teacher`` network is then that teacher evaluated inside the run, the same network in every offline
     method, reported once, as the teacher row (the report checks that it scores what the teacher run did)."""
-    return bool(getattr(_method(label), "uses_pretrained_teacher", False))
+    return getattr(getattr(_method(label), "kind", None), "value", None) == "offline"

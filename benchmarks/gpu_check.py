@@ -176,9 +176,9 @@ def hard_limit(seconds: float) -> Iterator[None]:
 
 
 def registered_methods() -> list[str]:
-    from reproduce.methods import METHODS
+    from reproduce.methods.base import registered
 
-    return [cls.name for cls in sorted(METHODS.values(), key=lambda cls: (cls.row_order, cls.name))]
+    return [cls.name for cls in registered()]
 
 
 def variant_runtime(variant: str, device: torch.device) -> Runtime:

@@ -162,7 +162,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     classes = [get_method(name) for name in methods]
     for cls in classes:
         cls.parse_params(config.methods.get(cls.name))
-    if any(cls.uses_pretrained_teacher for cls in classes) and "teacher" not in methods:
+    if any(cls.kind.value == "offline" for cls in classes) and "teacher" not in methods:
         methods.insert(0, "teacher")
     protocol = ("the papers' protocol: the whole training set, best epoch on test" if config.dataset.val_fraction == 0
                 else f"{config.dataset.val_fraction:.0%} of the training set held out, best epoch on validation")
@@ -189,7 +189,7 @@ def run_methods(args: argparse.Namespace) -> int:
     from reproduce.methods.base import registered
 
     for cls in registered():
-        kind = "online" if cls.online else ("offline" if cls.uses_pretrained_teacher else "standalone")
+        kind = cls.kind.value
         space = ", ".join(cls.search_space) or "-"
         print(f"{cls.name:9s} {cls.display_name:18s} {kind:10s} search: {space}\n{'':9s} defaults: {cls.default_params()}")
     return 0

@@ -45,8 +45,8 @@ def method_lists(only: list[str] | None = None) -> dict[str, Any]:
         raise ConfigError(f"unknown method(s) {sorted(set(only) - known)}; registered: {', '.join(sorted(known))}")
     swept = [cls.name for cls in methods if cls.search_space]
     return {"registry": {
-        "standalone": [cls.name for cls in methods if not cls.uses_pretrained_teacher],
-        "distill": [cls.name for cls in methods if cls.uses_pretrained_teacher],
+        "standalone": [cls.name for cls in methods if cls.kind.value != "offline"],
+        "distill": [cls.name for cls in methods if cls.kind.value == "offline"],
         "sweep": swept,
         # The series of dvc.yaml's curated plots (reports/plots/*.tsv, a column per method).
         "plot_columns": {network: [cls.name for cls in methods if network in trained_networks(cls)]
@@ -57,7 +57,7 @@ def method_lists(only: list[str] | None = None) -> dict[str, Any]:
 def trained_networks(cls: type) -> list[str]:
     """The networks a method trains whose curves the plots compare: the primary network, plus the
     teacher of an online method (a frozen teacher's curve is a flat line, the same in every run)."""
-    return [cls.primary] + (["teacher"] if cls.online and cls.primary != "teacher" else [])
+    return [cls.primary] + (["teacher"] if cls.kind.value == "online" and cls.primary != "teacher" else [])
 
 
 def sync(params_path: Path = Path("params.yaml"), registry_path: Path = REGISTRY_FILE,

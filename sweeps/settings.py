@@ -181,7 +181,7 @@ def study_identity(config: Config, method: str, settings: SweepSettings, space: 
         "models": resolved["models"],
         "recipe": recipe,
         "fixed_params": {key: value for key, value in fixed.items() if key not in space},
-        "teacher_seed": config.teacher.seed if method_cls.uses_pretrained_teacher else None,
+        "teacher_seed": config.teacher.seed if method_cls.kind.value == "offline" else None,
     }
 
 

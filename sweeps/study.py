@@ -637,7 +637,7 @@ def preflight(config: Config, method: str) -> None:
         raise ConfigError(f"{method}: a sweep scores every trial on the validation split, and the prepared dataset "
                           f"at {config.dataset.prepared_dir} has none (it was prepared with val_fraction 0); run "
                           f"`python -m reproduce prepare` again with dataset.val_fraction > 0")
-    if get_method(method).uses_pretrained_teacher and not config.teacher.weights.is_file():
+    if get_method(method).kind.value == "offline" and not config.teacher.weights.is_file():
         raise FileNotFoundError(f"teacher weights not found at {config.teacher.weights}: {method} distils from the "
                                 f"trained teacher; run `python -m reproduce stage --method teacher` (or `dvc repro`) "
                                 f"first")

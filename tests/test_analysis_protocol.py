@@ -515,7 +515,7 @@ def test_names_and_order_come_from_the_registry_with_optional_overrides() -> Non
     settings = parse_settings({})
     labels = {"r2kd", "kd", "teacher", "kdcl", "vanilla", "dml", "dkd", "unknown_method"}
     assert settings.ordered(labels) == ["teacher", "vanilla", "kd", "dkd", "dml", "kdcl", "r2kd", "unknown_method"]
-    assert settings.display_name("kdcl") == METHODS["kdcl"].display_name == "KDCL"
+    assert settings.display_name("kdcl") == METHODS.get("kdcl").display_name == "KDCL"
     assert settings.display_name("teacher") == "Teacher (vanilla)" and settings.display_name("unknown_method") == \
         "unknown_method"
     custom = parse_settings({"order": ["dml", "kd"], "names": {"kd": "Hinton KD"}})

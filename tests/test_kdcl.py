@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reproduce import models
-from reproduce.methods import Method, Networks, get_method
+from reproduce.methods import Method, MethodKind, Networks, get_method
 from reproduce.methods.kdcl import (
     ENSEMBLES,
     cross_entropy_weights,
@@ -210,7 +210,7 @@ def test_defaults_and_declarations() -> None:
     method_cls = get_method("kdcl")
     assert method_cls.default_params() == {"ensemble": "min_logit", "temperature": 2.0, "kd_weight": 1.0,
                                            "extra_students": 0, "linear_objective": "least_squares"}
-    assert method_cls.online and not method_cls.uses_pretrained_teacher and method_cls.primary == "student"
+    assert method_cls.kind is MethodKind.ONLINE and method_cls.primary == "student"
     assert method_cls.row_order == 21 and method_cls.display_name == "KDCL"
     assert method_cls.search_space == {
         "temperature": {"type": "float", "low": 1, "high": 4},

@@ -21,7 +21,7 @@ from reproduce.data.augment import AUGMENTATIONS
 from reproduce.runtime import Runtime
 from reproduce.train import RunSpec, make_optimizer, train, train_epoch
 from reproduce.losses import dkd_parts, forward_kl_per_sample, kd_loss, reverse_kd_loss, target_log_probability
-from reproduce.methods import METHODS, Method, Networks, get_method
+from reproduce.methods import Method, MethodKind, Networks, get_method
 from reproduce.methods.base import ConfigError, registered
 from reproduce.methods.bdkd import FORWARD_WEIGHTINGS
 from reproduce.methods.r2kd import (
@@ -114,9 +114,9 @@ def test_every_method_declares_its_name_row_and_space() -> None:
     for cls in registered():
         assert isinstance(cls.display_name, str) and cls.display_name, cls.name
         assert set(parse_space(cls.search_space, cls.name, None)) == set(cls.search_space)  # a valid space
-    assert METHODS["teacher"].display_name == "Teacher (vanilla)" and METHODS["kdcl"].display_name == "KDCL"
-    assert METHODS["teacher"].search_space == METHODS["vanilla"].search_space == {}
-    assert "rank_weight" not in METHODS["r2kd"].search_space  # no gradient with the code's argsort ranks
+    assert get_method("teacher").display_name == "Teacher (vanilla)" and get_method("kdcl").display_name == "KDCL"
+    assert get_method("teacher").search_space == get_method("vanilla").search_space == {}
+    assert "rank_weight" not in get_method("r2kd").search_space  # no gradient with the code's argsort ranks
 
 
 @pytest.mark.parametrize("name, role, arch", [("teacher", "teacher", "resnet14"), ("vanilla", "student", "resnet8")])
@@ -125,7 +125,7 @@ def test_teacher_and_vanilla_train_one_network_of_their_role(name: str, role: st
     method_cls = get_method(name)
     method = method_cls(networks(teacher="resnet14", student="resnet8"), method_cls.parse_params({})).train()
     assert method_cls.primary == role and set(method.roles()) == {role} == set(method.eval_networks())
-    assert not method_cls.online and not method_cls.uses_pretrained_teacher
+    assert method_cls.kind is MethodKind.STANDALONE
     reference = models.create(arch, CLASSES, in_channels=CHANNELS)
     assert [p.shape for p in method.roles()[role].parameters()] == [p.shape for p in reference.parameters()]
     x, y = batch()

@@ -38,7 +38,7 @@ def test_every_registered_method_is_trained_swept_and_analysed() -> None:
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     for cls in registered():
         assert cls.name in lists["standalone"] + lists["distill"], cls.name
-        assert (cls.name in lists["distill"]) == cls.uses_pretrained_teacher
+        assert (cls.name in lists["distill"]) == (cls.kind.value == "offline")
         assert (cls.name in lists["sweep"]) == bool(cls.search_space), cls.name
         assert cls.name in lists["plot_columns"][cls.primary if cls.primary == "teacher" else "student"]
         assert cls.name in params["methods"], f"params.yaml lacks methods.{cls.name} (DVC tracks it per stage)"

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from reproduce.losses import cross_entropy, dkd_parts, target_log_probability
-from reproduce.methods.base import ConfigError, Method, Networks, Step, check_choice, mean_of, register
+from reproduce.methods.base import ConfigError, Method, MethodKind, Networks, Step, check_choice, mean_of, register
 
 
 def identity_linear(num_classes: int) -> nn.Linear:
@@ -44,8 +44,7 @@ def identity_linear(num_classes: int) -> nn.Linear:
 class AEKT(Method):
     name = "aekt"
     display_name = "AEKT"
-    online = False
-    uses_pretrained_teacher = True
+    kind = MethodKind.OFFLINE
     row_order = 31
     search_space = {
         "temperature": {"type": "float", "low": 1, "high": 8},

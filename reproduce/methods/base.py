@@ -10,7 +10,8 @@ Because every peer target is detached inside the losses, the loss of role ``r`` 
 in role ``r``'s parameters, so one backward of the sum is exact, and a role left out of
 ``step.update`` (SwitOKD's paused teacher) gets no gradient, no momentum and no weight decay.
 
-Adding a method is one file in this package: a ``Method`` subclass decorated with ``@register``,
+Adding a method is one file in this package: a ``Method`` subclass decorated with ``@register``
+(the ``METHODS`` registry, reproduce/registry.py), declaring its ``kind`` (``MethodKind``),
 with its coefficients as a ``Params`` dataclass whose defaults are the paper's (params.yaml
 ``methods.<name>`` overrides them), its display name, its table row and its Optuna search space.
 Everything else (the DVC stages, the sweeps, the tables) is derived from the registry:
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -29,15 +31,21 @@ from torch import Tensor, nn
 
 from reproduce.config import Config, ConfigError, build_dataclass, check_choice  # noqa: F401  (re-exported for methods)
 from reproduce.losses import cross_entropy
+from reproduce.registry import Registry
 
-METHODS: dict[str, type["Method"]] = {}
+
+class MethodKind(enum.Enum):
+    """What a method trains, and so what it needs before it runs."""
+
+    STANDALONE = "standalone"  # one network from scratch with its own loss (the teacher, the vanilla student)
+    OFFLINE = "offline"  # a fresh student distils from the `teacher` method's trained, frozen weights
+    ONLINE = "online"  # every network trains from scratch together, each learning from the others
 
 
-def register(cls: type["Method"]) -> type["Method"]:
-    if cls.name in METHODS:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    METHODS[cls.name] = cls
-    return cls
+# Every method by name; ``@register`` (bare: the class's ``name``) adds one. Importing the package
+# ``reproduce.methods`` (which the registry does on its first lookup) registers every method file.
+METHODS: Registry[type["Method"]] = Registry("method", "reproduce.methods")
+register = METHODS.register
 
 
 @dataclass
@@ -70,8 +78,7 @@ class Networks:
 class Method(nn.Module, abc.ABC):
     name: ClassVar[str]  # registry key and run label: runs/<name>/seed<k>/
     display_name: ClassVar[str]  # in tables, figures and the report
-    online: ClassVar[bool]  # True: every network trains from scratch together
-    uses_pretrained_teacher: ClassVar[bool] = False  # True: distils from the `teacher` method's trained weights
+    kind: ClassVar[MethodKind]
     primary: ClassVar[str] = "student"  # the evaluated network whose top-1 picks the best epoch
     row_order: ClassVar[int] = 100  # position in tables (teacher 0, vanilla 1, baselines, then the papers)
     # The Optuna space over the Params fields (sweeps/space.py's format); {} = nothing to tune, no sweep.
@@ -138,9 +145,7 @@ class Method(nn.Module, abc.ABC):
 
 def registered() -> list[type[Method]]:
     """Every registered method in table order."""
-    import reproduce.methods  # noqa: F401  (importing the package registers every method)
-
-    return sorted(METHODS.values(), key=lambda cls: (cls.row_order, cls.name))
+    return sorted((cls for _, cls in METHODS.items()), key=lambda cls: (cls.row_order, cls.name))
 
 
 class TeacherStudentMethod(Method):
@@ -148,8 +153,7 @@ class TeacherStudentMethod(Method):
 
     The teacher is evaluated every epoch too (a check that the loaded weights are the trained ones)."""
 
-    online = False
-    uses_pretrained_teacher = True
+    kind = MethodKind.OFFLINE
 
     def __init__(self, networks: Networks, params: Any) -> None:
         super().__init__(networks, params)
@@ -170,7 +174,7 @@ class SingleNetwork(Method):
     """Cross-entropy training of the network of params.yaml ``models.<role>``, from scratch."""
 
     role: ClassVar[str]  # "teacher" | "student": the architecture, the role and the evaluated network
-    online = False
+    kind = MethodKind.STANDALONE
     search_space: ClassVar[dict[str, dict[str, Any]]] = {}  # nothing to tune
 
     def __init__(self, networks: Networks, params: Any) -> None:
@@ -187,7 +191,7 @@ class SingleNetwork(Method):
 class OnlinePairMethod(Method):
     """Online distillation of a pair: teacher and student both train from scratch, each a role."""
 
-    online = True
+    kind = MethodKind.ONLINE
 
     def __init__(self, networks: Networks, params: Any) -> None:
         super().__init__(networks, params)
@@ -204,7 +208,7 @@ class PeerGroupMethod(Method):
     the student architecture, each its own role. Subclasses compute every peer's losses from one
     forward per peer (O(K), not O(K²))."""
 
-    online = True
+    kind = MethodKind.ONLINE
 
     @classmethod
     def parse_params(cls, raw: dict[str, Any] | None) -> Any:
@@ -223,12 +227,9 @@ class PeerGroupMethod(Method):
         return dict(self.peers.items())
 
 
-def get_method(name: str) -> type[Method]:
-    import reproduce.methods  # noqa: F401  (importing the package registers every method)
-
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+def get_method(name: str, where: str | None = None) -> type[Method]:
+    """The registered method called ``name`` (a ConfigError with the choices, prefixed by ``where``, if none)."""
+    return METHODS.get(name, where)
 
 
 def build_method(config: Config, name: str, networks: Networks) -> Method:

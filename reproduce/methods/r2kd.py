@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from reproduce.data.augment import AUGMENTATIONS
 from reproduce.losses import cross_entropy
-from reproduce.methods.base import ConfigError, Method, Networks, Step, check_choice, register
+from reproduce.methods.base import ConfigError, Method, MethodKind, Networks, Step, check_choice, register
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -125,8 +125,7 @@ def zero_weight_fraction(network: nn.Module) -> float:
 class R2KD(Method):
     name = "r2kd"
     display_name = "R2KD"
-    online = False
-    uses_pretrained_teacher = True
+    kind = MethodKind.OFFLINE
     row_order = 34
     # rank_weight is left out: with rank_gradient none (the code's) the rank term has no gradient,
     # so its weight cannot change training, only the logged loss.

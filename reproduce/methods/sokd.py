@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from reproduce.losses import cross_entropy, kd_loss
-from reproduce.methods.base import Method, Networks, Step, check_choice, register
+from reproduce.methods.base import Method, MethodKind, Networks, Step, check_choice, register
 from reproduce.models import SplitNet
 
 
@@ -35,8 +35,7 @@ from reproduce.models import SplitNet
 class SOKD(Method):
     name = "sokd"
     display_name = "SOKD"
-    online = False
-    uses_pretrained_teacher = True
+    kind = MethodKind.OFFLINE
     row_order = 33
     search_space = {
         "temperature": {"type": "float", "low": 1, "high": 8},
