@@ -22,11 +22,14 @@ import torchvision.datasets
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from reproduce.data import dataset_names
 from reproduce.data import prepare as prepare_module
-from reproduce.data import sources
-from reproduce.data.prepare import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, FileSplit, Prepared, Split, load_prepared,
-                                    prepare)
+from reproduce.data.errors import DataFormatError, DataNotPreparedError
+from reproduce.data.prepare import IMAGENET_MEAN, IMAGENET_STD, FileSplit, Prepared, Split, load_prepared, prepare
+from reproduce.data.sources import cifar
+from reproduce.data.split import stratified_split
 from reproduce.data.streaming import EpochSampler, FileSplitDataset, StreamingLoader, train_transform
+from reproduce.errors import ConfigError, UserError
 from tests.data_fixtures import (WrittenArrays, write_cifar10, write_cifar100, write_fashion_mnist, write_imagenet,
                                  write_tinyimagenet)
 
@@ -203,7 +206,7 @@ def test_split_is_stratified_disjoint_complete_and_seeded(tmp_path: Path) -> Non
 
 def test_stratified_split_keeps_every_class_in_training() -> None:
     labels = np.array([0] * 5 + [1] * 2 + [2])
-    kept, held_out = sources.stratified_split(labels, 0.5, seed=0)
+    kept, held_out = stratified_split(labels, 0.5, seed=0)
     assert sorted(labels[held_out].tolist()) == [0, 0, 0, 1]  # round(2.5) = 3, round(1.0) = 1, never the last one
     assert set(labels[kept].tolist()) == {0, 1, 2}
 
@@ -229,10 +232,77 @@ def test_manifest_checksums_detect_a_modified_cache_file(tmp_path: Path) -> None
         load_prepared(directory, verify=True)
 
 
-def test_missing_prepared_cache_says_how_to_make_it(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"python -m reproduce prepare") as raised:
-        load_prepared(tmp_path / "prepared" / "cifar10")
-    assert str(tmp_path / "prepared" / "cifar10") in str(raised.value)
+def test_missing_prepared_cache_says_how_to_make_it_for_that_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DataNotPreparedError) as raised:
+        load_prepared(tmp_path / "prepared" / "cifar100")
+    message = str(raised.value)
+    assert isinstance(raised.value, UserError) and isinstance(raised.value, FileNotFoundError)
+    assert str(tmp_path / "prepared" / "cifar100") in message
+    assert "`python -m reproduce prepare --set dataset.name=cifar100`" in message and "--params/--set" in message
+
+
+def test_train_on_an_unprepared_dataset_advises_preparing_that_dataset(prepared_root: Path, tmp_path: Path) -> None:
+    from reproduce.train import RunSpec, train
+    from tests.conftest import tiny_config
+
+    config = tiny_config(prepared_root, tmp_path, dataset={"name": "cifar100"})
+    with pytest.raises(DataNotPreparedError, match=r"prepare --set dataset\.name=cifar100`"):
+        train(config, RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "checkpoints"), track=False)
+    assert not (tmp_path / "run").exists()
+
+
+def _damage_tensor_split(directory: Path) -> Path:
+    (directory / "train.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return directory / "train.pt"
+
+
+def _truncate_tensor_split(directory: Path) -> Path:
+    content = (directory / "test.pt").read_bytes()
+    (directory / "test.pt").write_bytes(content[: len(content) // 2])
+    return directory / "test.pt"
+
+
+def _damage_manifest(directory: Path) -> Path:
+    (directory / "manifest.json").write_text('{"format_version": 1, "files": ')
+    return directory / "manifest.json"
+
+
+def _drop_manifest_key(directory: Path) -> Path:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["counts"]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory / "manifest.json"
+
+
+def _pickled_dict_split(directory: Path) -> Path:
+    torch.save({"images": [1, 2, 3]}, directory / "val.pt")
+    return directory / "val.pt"
+
+
+@pytest.mark.parametrize("damage", [_damage_tensor_split, _truncate_tensor_split, _damage_manifest,
+                                    _drop_manifest_key, _pickled_dict_split])
+def test_damaged_prepared_cache_is_one_line_naming_the_file_and_the_fix(damage, tmp_path: Path) -> None:
+    write_cifar10(tmp_path / "raw")
+    directory = prepare("cifar10", tmp_path / "raw", tmp_path / "prepared", val_fraction=VAL_FRACTION,
+                        split_seed=0, verify_md5=False, progress=False)
+    damaged = damage(directory)
+    with pytest.raises(DataFormatError) as raised:
+        load_prepared(directory)
+    message = str(raised.value)
+    assert isinstance(raised.value, UserError) and "\n" not in message
+    assert str(damaged) in message
+    assert f"delete {directory} and run `python -m reproduce prepare --set dataset.name=cifar10`" in message
+    assert "weights_only" not in message  # torch's advice would be the wrong fix for a damaged cache
+
+
+def test_damaged_file_index_is_a_clear_error(imagenet_prepared: Prepared, tmp_path: Path) -> None:
+    directory = tmp_path / "prepared" / "imagenet"
+    (directory / "val.json").write_text('{"paths": ["train/a.JPEG"], "labels": []}')
+    with pytest.raises(DataFormatError, match=r"val\.json is not an index of paths with matching labels; delete"):
+        load_prepared(directory)
+    (directory / "val.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(DataFormatError, match=r"val\.json is not valid JSON"):
+        load_prepared(directory)
 
 
 def test_interrupted_prepare_leaves_no_partial_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,17 +449,18 @@ def test_md5_mismatch_names_the_file(tmp_path: Path) -> None:
 def test_md5_check_accepts_files_matching_the_listed_sums(tmp_path: Path) -> None:
     written = write_cifar100(tmp_path / "raw")
     md5 = {path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in written.files}
-    release = dataclasses.replace(sources.CIFAR100, train_files=(("train", md5["train"]),),
+    release = dataclasses.replace(cifar.CIFAR100, train_files=(("train", md5["train"]),),
                                   test_files=(("test", md5["test"]),), meta_file=("meta", md5["meta"]))
-    data = sources.read_cifar(release, tmp_path / "raw", verify_md5=True, progress=False)
+    data = cifar.read_cifar(release, tmp_path / "raw", verify_md5=True, progress=False)
     np.testing.assert_array_equal(data.test_images, written.test_images)
 
 
 def test_unknown_dataset_lists_the_known_ones(tmp_path: Path) -> None:
-    assert DATASETS == ("digits", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet", "imagenet")
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'") as raised:
-        prepare("mnist", tmp_path, tmp_path / "prepared", val_fraction=VAL_FRACTION, split_seed=0)
-    assert all(name in str(raised.value) for name in DATASETS)
+    assert dataset_names() == sorted(["digits", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet", "imagenet"])
+    with pytest.raises(ConfigError, match="dataset.name: unknown dataset 'cifar1000' .*did you mean 'cifar100'") as raised:
+        prepare("cifar1000", tmp_path, tmp_path / "prepared", val_fraction=VAL_FRACTION, split_seed=0)
+    assert all(name in str(raised.value) for name in dataset_names())
+    assert not (tmp_path / "prepared").exists()
 
 
 @pytest.mark.parametrize("val_fraction", [1.0, -0.1, 1.5, True, "0.1"])

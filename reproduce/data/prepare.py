@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 import tempfile
 import uuid
@@ -27,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reproduce.data.sources import SOURCES, ArrayData, DataFormatError, FileData, read_source, stratified_split
+from reproduce.data.errors import DataFormatError, DataNotFoundError, DataNotPreparedError
+from reproduce.data.sources import ArrayData, FileData, read_source
+from reproduce.data.split import stratified_split
 
-DATASETS: tuple[str, ...] = tuple(SOURCES)
 FORMAT_VERSION = 1
 PARTS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -90,8 +92,6 @@ def prepare(name: str, raw_root: Path, out_root: Path, *, val_fraction: float, s
     sibling directory that replaces ``out_root/name`` only once it is complete, so a failed or interrupted
     prepare never leaves a half-written cache and never damages a previous good one.
     """
-    if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     _check_val_fraction(val_fraction)
     raw = read_source(name, Path(raw_root), download=download, verify_md5=verify_md5, progress=progress)
     kept, held_out = stratified_split(raw.train_labels, val_fraction, split_seed)
@@ -226,18 +226,36 @@ def _sha256(path: Path) -> str:
 # Reading
 
 
+def prepare_command(directory: Path) -> str:
+    """The command that makes the prepared cache ``directory`` (``<prepared_root>/<dataset name>``) when given the
+    other --params/--set options of the command that needs it (they carry the roots and the split)."""
+    return f"python -m reproduce prepare --set dataset.name={Path(directory).name}"
+
+
 def load_prepared(directory: Path, *, verify: bool = False) -> Prepared:
-    """Read a prepared cache; ``verify=True`` re-checks the sha256 of its files against the manifest."""
+    """Read a prepared cache; ``verify=True`` re-checks the sha256 of its files against the manifest.
+
+    A missing cache is a ``DataNotPreparedError`` naming the ``prepare`` command for this dataset; a damaged one
+    (unreadable, truncated, modified) a ``DataFormatError`` naming the file and how to rebuild it."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
+    command = prepare_command(directory)
     if not manifest_path.is_file():
-        raise FileNotFoundError(f"no prepared dataset at {directory} (no {MANIFEST}); run `python -m reproduce "
-                                f"prepare` (or `dvc repro prepare`) to create it.")
-    manifest = json.loads(manifest_path.read_text())
-    rebuild = f"delete {directory} and run `python -m reproduce prepare` (or `dvc repro prepare`) again"
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataFormatError(f"{manifest_path} has format_version {manifest.get('format_version')!r}, this code "
-                              f"reads {FORMAT_VERSION}; {rebuild}.")
+        raise DataNotPreparedError(f"no prepared dataset at {directory} (no {MANIFEST}); run `{command}` with this "
+                                   f"command's other --params/--set options to create it.")
+    rebuild = f"delete {directory} and run `{command}` (with this command's other --params/--set options) again"
+    manifest = _read_json(manifest_path, rebuild)
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise DataFormatError(f"{manifest_path} has format_version {found!r}, this code reads {FORMAT_VERSION}; "
+                              f"{rebuild}.")
+    try:
+        return _load_parts(directory, manifest, verify, rebuild)
+    except (KeyError, TypeError) as error:  # a manifest of the right version that lacks a field or mistypes one
+        raise DataFormatError(f"{manifest_path} lacks or mistypes {error}; {rebuild}.") from error
+
+
+def _load_parts(directory: Path, manifest: dict, verify: bool, rebuild: str) -> Prepared:
     if verify:
         for file, expected in manifest["sha256"].items():
             actual = _sha256(directory / file)
@@ -248,25 +266,52 @@ def load_prepared(directory: Path, *, verify: bool = False) -> Prepared:
     for part in PARTS:
         path = directory / manifest["files"][part]
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing from the prepared cache; {rebuild}.")
+            raise DataNotFoundError(f"{path} is missing from the prepared cache; {rebuild}.")
         if manifest["storage"] == "tensor":
             parts[part] = _read_split(path, rebuild)
         else:
-            parts[part] = _read_index(path, Path(manifest["files_root"]))
+            parts[part] = _read_index(path, Path(manifest["files_root"]), rebuild)
         if len(parts[part].labels) != manifest["counts"][part]:
             raise DataFormatError(f"{path} holds {len(parts[part].labels)} samples, {MANIFEST} records "
                                   f"{manifest['counts'][part]}; {rebuild}.")
     return Prepared(train=parts["train"], val=parts["val"], test=parts["test"], manifest=manifest)
 
 
+# What torch.load and json raise on a file that is not what it should be (truncated, overwritten, random bytes;
+# torch reports a truncated archive as OSError EINVAL).
+_UNREADABLE = (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError,
+               AttributeError, IndexError)
+
+
+def _reason(error: Exception) -> str:
+    """The error's kind (and an OS error's own words: "Permission denied"), never torch's text, whose advice
+    (weights_only=False) is the wrong fix for a damaged cache."""
+    return f"{type(error).__name__}: {error.strerror}" if isinstance(error, OSError) else type(error).__name__
+
+
+def _read_json(path: Path, rebuild: str) -> object:
+    try:
+        return json.loads(path.read_text())
+    except _UNREADABLE as error:
+        raise DataFormatError(f"{path} is not valid JSON ({_reason(error)}): the prepared cache is damaged; "
+                              f"{rebuild}.") from None
+
+
 def _read_split(path: Path, rebuild: str) -> Split:
-    content = torch.load(path, weights_only=True)
-    images, labels = content["images"], content["labels"]
-    if images.dtype != torch.uint8 or images.dim() != 4 or labels.dtype != torch.int64 or len(labels) != len(images):
+    try:
+        content = torch.load(path, weights_only=True)
+    except _UNREADABLE as error:
+        raise DataFormatError(f"{path} is not a readable prepared split ({_reason(error)}): the prepared "
+                              f"cache is damaged; {rebuild}.") from None
+    images, labels = (content.get("images"), content.get("labels")) if isinstance(content, dict) else (None, None)
+    if (not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor) or images.dtype != torch.uint8
+            or images.dim() != 4 or labels.dtype != torch.int64 or len(labels) != len(images)):
         raise DataFormatError(f"{path} does not hold uint8 NCHW images with matching int64 labels; {rebuild}.")
     return Split(images=images, labels=labels)
 
 
-def _read_index(path: Path, files_root: Path) -> FileSplit:
-    content = json.loads(path.read_text())
+def _read_index(path: Path, files_root: Path, rebuild: str) -> FileSplit:
+    content = _read_json(path, rebuild)
+    if not isinstance(content, dict) or len(content.get("paths", ())) != len(content.get("labels", ())):
+        raise DataFormatError(f"{path} is not an index of paths with matching labels; {rebuild}.")
     return FileSplit(paths=[str(files_root / file) for file in content["paths"]], labels=list(content["labels"]))
