@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 repro: $(STAMP)
-	$(VENV)/bin/python -m reproduce pipeline
+	$(VENV)/bin/python -m pipeline sync
 	dvc repro
 
 test: $(STAMP)
@@ -50,4 +50,4 @@ gpu-check: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.gpu_check
 
 clean-runs:
-	rm -rf runs checkpoints reports sweeps/results dvclive
+	rm -rf runs checkpoints reports sweep-results studies dvclive

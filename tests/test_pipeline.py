@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
-COPIED = ["reproduce", "sweeps", "analysis", "configs", "params.yaml", "dvc.yaml", "registry.yaml", ".dvc/config",
+COPIED = ["reproduce", "sweeps", "analysis", "pipeline", "configs", "params.yaml", "dvc.yaml", "registry.yaml", ".dvc/config",
           ".dvc/.gitignore", ".dvcignore", ".gitignore"]
 THROWAWAY = '''"""A throw-away method for the pipeline test: KD at its own temperature."""
 from dataclasses import dataclass
@@ -68,7 +68,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     for name in COPIED:
         source, target = PROJECT / name, root / name
         if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "results", "studies"))
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
@@ -87,7 +87,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
            **{f"WANDB_{kind.upper()}_DIR": str(root / ".wandb-state" / kind) for kind in ("cache", "data", "config")}}
     env.pop("MLFLOW_TRACKING_URI", None)  # the project's own sqlite:///mlflow.db
     # What `make repro` does: sync with the registry (it finds the new file), then `dvc repro`.
-    _run([sys.executable, "-m", "reproduce", "pipeline"], root, env)
+    _run([sys.executable, "-m", "pipeline", "sync"], root, env)
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
                     ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"]):
         _run(command, root, env)
@@ -106,7 +106,7 @@ def test_dvc_repro_trains_sweeps_and_reports_every_method_including_a_new_file(p
         assert summary["epochs"] == 1 and summary["last"]["test"][summary["primary"]]["top1"] > 10
     swept = [cls.name for cls in registered() if cls.search_space] + ["zz_throwaway"]
     for name in swept:
-        assert (root / "sweeps" / "results" / name / "best_params.yaml").exists(), name
+        assert (root / "sweep-results" / name / "best_params.yaml").exists(), name
     assert "Throw-away KD" in (root / "reports" / "index.html").read_text()
     shown = json.dumps(json.loads(_dvc(root, env, "metrics", "show", "--json")))
     assert "dvclive/zz_throwaway/metrics.json" in shown and "dvclive/switokd/metrics.json" in shown

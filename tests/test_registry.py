@@ -1,6 +1,6 @@
 """The pipeline is derived from the method registry, and DVC's deps are complete by construction.
 
-- registry.yaml and params.yaml agree with the registry (`python -m reproduce pipeline --check`), so
+- registry.yaml and params.yaml agree with the registry (`python -m pipeline sync --check`), so
   every registered method appears in the training stages, the sweeps (if it has a search space) and
   the analysis' inputs.
 - Every project module that a stage's command imports (followed statically through every import,
@@ -20,15 +20,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reproduce.methods.base import registered
-from reproduce.pipeline import method_lists, sync
+from reproduce.methods.base import MethodKind, registered
+from pipeline.__main__ import main
+from pipeline.sync import method_lists, stale, sync
 
 PROJECT = Path(__file__).resolve().parent.parent
-PACKAGES = ("reproduce", "sweeps", "analysis")
+PACKAGES = ("reproduce", "sweeps", "analysis", "pipeline")
 
 
 def test_committed_registry_and_params_agree_with_the_registry() -> None:
-    result = subprocess.run([sys.executable, "-m", "reproduce", "pipeline", "--check"], cwd=PROJECT,
+    assert stale(PROJECT / "params.yaml", PROJECT / "registry.yaml") == []
+
+
+@pytest.mark.slow
+def test_the_sync_check_command_passes_on_the_committed_files() -> None:
+    result = subprocess.run([sys.executable, "-m", "pipeline", "sync", "--check"], cwd=PROJECT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -38,7 +44,7 @@ def test_every_registered_method_is_trained_swept_and_analysed() -> None:
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     for cls in registered():
         assert cls.name in lists["standalone"] + lists["distill"], cls.name
-        assert (cls.name in lists["distill"]) == (cls.kind.value == "offline")
+        assert (cls.name in lists["distill"]) == (cls.kind is MethodKind.OFFLINE)
         assert (cls.name in lists["sweep"]) == bool(cls.search_space), cls.name
         assert cls.name in lists["plot_columns"][cls.primary if cls.primary == "teacher" else "student"]
         assert cls.name in params["methods"], f"params.yaml lacks methods.{cls.name} (DVC tracks it per stage)"
@@ -58,15 +64,17 @@ def test_sync_adds_a_new_method_to_params_without_touching_the_rest(tmp_path: Pa
     assert sync(params, tmp_path / "registry.yaml") == []  # a second sync changes nothing
 
 
-def test_pipeline_check_fails_when_the_registry_file_is_stale(tmp_path: Path) -> None:
+def test_sync_check_fails_when_the_registry_file_is_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("params.yaml", "registry.yaml"):
         shutil.copy2(PROJECT / name, tmp_path / name)
     lists = method_lists()
     lists["registry"]["standalone"].remove("vanilla")
     (tmp_path / "registry.yaml").write_text(yaml.safe_dump(lists))
-    result = subprocess.run([sys.executable, "-m", "reproduce", "pipeline", "--check"], cwd=tmp_path,
-                            capture_output=True, text=True, env={"PYTHONPATH": str(PROJECT), "PATH": "/usr/bin:/bin"})
-    assert result.returncode == 1 and "registry.yaml" in result.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["sync", "--check"]) == 1
+    assert "out of date: registry.yaml" in capsys.readouterr().err
+    assert (tmp_path / "registry.yaml").read_text() == yaml.safe_dump(lists)  # --check changes nothing
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,12 +171,14 @@ def stages() -> dict[str, dict]:
     return resolved_stages()
 
 
+@pytest.mark.slow  # loads the DVC project
 def test_every_stage_depends_on_every_project_module_its_command_imports(stages: dict[str, dict]) -> None:
     assert {"prepare", "analysis", "train@teacher", "train@dml", "distill@r2kd"} <= set(stages)
     problems = {name: missing for name, stage in stages.items() if (missing := uncovered(stage["cmd"], stage["deps"]))}
     assert not problems, f"stages miss deps on modules they import: {problems}"
 
 
+@pytest.mark.slow
 def test_the_deps_check_catches_a_missing_module(stages: dict[str, dict]) -> None:
     stage = copy.deepcopy(stages["distill@r2kd"])
     assert "reproduce/data/augment.py" in {str(f.relative_to(PROJECT)) for f in stage_imports(stage["cmd"])}

@@ -1,0 +1,60 @@
+"""One DVC stage: ``python -m pipeline stage --method M`` trains M for every seed of ``pipeline.seeds``,
+runs M's Optuna study when M has a search space, and writes M's numbers with dvclive.
+
+One process per method (one torch import, one tracking start-up: on a 2-core machine these cost more
+than a small run). Checkpoints live outside the stage's outputs, so a rerun for a change that does not
+touch training (say ``sweep.n_trials``) resumes finished runs instead of retraining them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from reproduce.config import Config, ConfigError
+from reproduce.io import atomic_write_text
+
+from pipeline.live import DVCLIVE_ROOT, best_key, headline, write_live
+
+
+def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), checkpoints_root: Path = Path("checkpoints"),
+              live_root: Path = DVCLIVE_ROOT, resume: str = "auto", track: bool = True) -> dict[str, Any]:
+    """Train ``method`` for every seed, run its study (a method with a search space), write ``dvclive/<method>/``."""
+    from reproduce.methods import get_method
+    from reproduce.train import RunSpec, train
+    from sweeps.study import RESULTS_ROOT, run_study
+
+    cls = get_method(method)
+    if cls.search_space and config.dataset.val_fraction == 0:
+        raise ConfigError(f"{method}: its Optuna study scores trials on the validation split, and "
+                          f"dataset.val_fraction is 0 (no validation split); set dataset.val_fraction > 0 "
+                          f"(the paper recipes, which select on test, run with `python -m reproduce recipe`)")
+    summaries = []
+    for seed in config.pipeline.seeds:
+        spec = RunSpec(method, seed, runs_root / method / f"seed{seed}", checkpoints_root / method / f"seed{seed}")
+        summaries.append(train(config, spec, resume=resume, track=track))
+        print(f"[{method}] seed {seed}: {headline_line(summaries[-1])}", flush=True)
+    study = None
+    if cls.search_space:
+        study = run_study(config, method, track=track)
+    else:  # the stage declares the results folder of every method
+        atomic_write_text(RESULTS_ROOT / method / "not_swept.txt",
+                          f"{method} declares no search space (search_space = {{}}): nothing to tune.\n")
+    histories = [read_history(runs_root / method / f"seed{seed}" / "history.tsv") for seed in config.pipeline.seeds]
+    write_live(live_root / method, cls, summaries, histories, config, study)
+    return {"method": method, "seeds": config.pipeline.seeds, "headline": headline(cls, summaries)}
+
+
+def headline_line(summary: dict[str, Any]) -> str:
+    kind, primary = best_key(summary), summary["primary"]
+    best, last = summary[kind], summary["last"]
+    return (f"{primary} test top-1 {best['test'][primary]['top1']:.2f} at best epoch {best['epoch']} "
+            f"({'val' if kind == 'best' else 'test'}-selected), {last['test'][primary]['top1']:.2f} at the last; "
+            f"ECE {100 * last['test'][primary]['ece']:.2f} %")
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    """A run's history.tsv: one dict per epoch, empty cells left out."""
+    lines = path.read_text().splitlines()
+    columns = lines[0].split("\t")
+    return [{column: float(cell) for column, cell in zip(columns, line.split("\t")) if cell} for line in lines[1:]]
