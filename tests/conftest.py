@@ -23,6 +23,7 @@ def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory) -> None:
         "WANDB_CACHE_DIR": str(home / "wandb-cache"), "WANDB_DATA_DIR": str(home / "wandb-data"),
         "WANDB_CONFIG_DIR": str(home / "wandb-config"), "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "DVC_NO_ANALYTICS": "1",
+        "REPRODUCE_TRACKING_DIR": str(home / "tracking-ledger"),  # runs pending a sync (reproduce/tracking/ledger.py)
     })
 
 
