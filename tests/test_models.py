@@ -49,10 +49,12 @@ def test_registry_holds_the_whole_zoo() -> None:
         *(f"resnet{depth}" for depth in (8, 14, 20, 32, 44, 56, 110)),
         "resnet8x4",
         "resnet32x4",
+        "ResNet18",
         "ResNet50",
         *(f"wrn_{depth}_{widen}" for depth, widen in ((16, 1), (16, 2), (16, 8), (40, 1), (40, 2))),
         *(f"switokd_wrn_16_{widen}" for widen in (1, 2, 8)),
         *(f"vgg{depth}" for depth in (8, 11, 13, 16, 19)),
+        "MobileNetV1",
         "mobilenetv2",
         "mobilenetv2_0.5",
         "mobilenetv2_1.4",
@@ -140,6 +142,8 @@ PUBLISHED_COUNTS = [
     ("resnet8x4", 100, "1.23", 1_233_540),
     ("resnet32x4", 100, "7.43", 7_433_860),
     ("ResNet50", 100, "23.7", 23_705_252),
+    # mdistiller's ImageNet MobileNetV1 (DKD's ResNet-50 -> MobileNetV1 row); the MobileNet paper's 4.2 M.
+    ("MobileNetV1", 1000, "4.2", 4_231_976),
     ("wrn_16_1", 10, "0.18", 175_066),
     ("wrn_16_2", 100, "0.70", 703_284),
     ("wrn_16_8", 10, "11.0", 10_961_370),
@@ -184,12 +188,14 @@ def test_imagenet_parameter_count_matches_torchvision(name: str, exact: int) -> 
 
 
 # Counts of the official definitions themselves, where no paper prints one to compare with:
-# SwitOKD's models/wrnet*.py (WRN-16-2 teacher on CIFAR-100, WRN-16-8 / WRN-16-1 on CIFAR-10) and
-# CRD's other VGGs.
+# SwitOKD's models/wrnet*.py (WRN-16-2 teacher on CIFAR-100, WRN-16-8 / WRN-16-1 on CIFAR-10), CRD's
+# ResNet18 and CRD's other VGGs.
 OFFICIAL_COUNTS = [
     ("switokd_wrn_16_2", 100, 704_420),
     ("switokd_wrn_16_8", 10, 10_965_866),
     ("switokd_wrn_16_1", 10, 175_626),
+    # CRD's resnetv2.py ResNet18: mdistiller's Tiny-ImageNet teacher (200 classes).
+    ("ResNet18", 200, 11_271_432),
     ("vgg11", 100, 9_277_284),
     ("vgg16", 100, 14_774_436),
     ("vgg19", 100, 20_086_692),

@@ -3,6 +3,7 @@
 # Imported for their side effect: their @register calls fill the registry.
 from reproduce.models import (  # noqa: F401
     imagenet,
+    mobilenetv1,
     mobilenetv2,
     resnet_cifar,
     shufflenet,

@@ -1,6 +1,13 @@
 """The contract every model of the zoo follows, plus the weight init the CIFAR models share."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from reproduce.models.pretrained import PretrainedSource
 
 
 class SplitNet(nn.Module):
@@ -10,6 +17,8 @@ class SplitNet(nn.Module):
     classifier (an nn.Linear as its last module). SOKD grafts a trainable copy of a teacher's head
     onto the frozen trunk (copy.deepcopy(model.head)); AEKT reads penultimate features.
     """
+
+    source: PretrainedSource | None = None  # where its weights came from (load_pretrained); None: freshly built
 
     def __init__(self, trunk: nn.Sequential, head: nn.Sequential) -> None:
         super().__init__()

@@ -1,37 +1,24 @@
-"""The single name -> factory registry of the zoo."""
+"""The zoo's registry: the suite's one extension pattern (reproduce/registry.py) for models.
+
+A model file registers a factory ``(num_classes, in_channels) -> SplitNet`` with ``@register("name")``.
+"""
 
 from collections.abc import Callable
 
 from reproduce.models.base import SplitNet
+from reproduce.registry import Registry
 
 Factory = Callable[[int, int], SplitNet]
 """Builds a fresh model from (num_classes, in_channels)."""
 
-_FACTORIES: dict[str, Factory] = {}
-
-
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Decorator adding a factory to the registry under `name`."""
-
-    def add(factory: Factory) -> Factory:
-        if name in _FACTORIES:
-            raise ValueError(f"model name {name!r} is registered twice")
-        _FACTORIES[name] = factory
-        return factory
-
-    return add
+MODELS: Registry[Factory] = Registry("model", "reproduce.models")
+register = MODELS.register
 
 
 def available() -> list[str]:
-    return sorted(_FACTORIES)
+    return MODELS.names()
 
 
 def create(name: str, num_classes: int, in_channels: int = 3) -> SplitNet:
-    """A freshly initialised model from the registry."""
-    try:
-        factory = _FACTORIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; available models: {', '.join(available())}"
-        ) from None
-    return factory(num_classes, in_channels)
+    """A freshly initialised model from the registry; an unknown name is a ConfigError listing the choices."""
+    return MODELS.get(name)(num_classes, in_channels)

@@ -6,7 +6,9 @@ BasicBlocks of widths 16/32/64, depth = 6n + 2. resnet8x4 / resnet32x4 are CRD's
 downsamples shortcuts with a 1x1 convolution + BN, and so do we, to match the CRD parameter counts.
 
 ResNet50 is CRD's CIFAR ResNet-50: ImageNet bottleneck layout [3, 4, 6, 3] with a 3x3 stride-1 stem
-and no max-pool, so 32x32 inputs are only downsampled 8x.
+and no max-pool, so 32x32 inputs are only downsampled 8x. ResNet18 is the same file's BasicBlock
+[2, 2, 2, 2] network: mdistiller's Tiny-ImageNet teacher (download_ckpts/tiny_imagenet_teachers/
+ResNet18_vanilla/ti_res18).
 
 Sources: HobbitLong/RepDistiller models/resnet.py (resnet8 ... resnet32x4) and models/resnetv2.py
 (ResNet50), the same files as megvii-research/mdistiller models/cifar/. Both initialise the
@@ -136,14 +138,22 @@ for _depth in (8, 32):
     register_cifar_resnet(f"resnet{_depth}x4", _depth, stem_width=32, stage_widths=[64, 128, 256])
 
 
-@register("ResNet50")
-def cifar_resnet50(num_classes: int, in_channels: int) -> SplitNet:
-    return resnet(
-        Bottleneck,
-        stem_width=64,
-        stage_widths=[64, 128, 256, 512],
-        blocks_per_stage=[3, 4, 6, 3],
-        stage_strides=[1, 2, 2, 2],
-        num_classes=num_classes,
-        in_channels=in_channels,
-    )
+def register_resnetv2(name: str, block: Block, blocks_per_stage: list[int]) -> None:
+    """Registers a four-stage network of CRD's resnetv2.py (64-channel 3x3 stride-1 stem, no max-pool)."""
+
+    def build(num_classes: int, in_channels: int) -> SplitNet:
+        return resnet(
+            block,
+            stem_width=64,
+            stage_widths=[64, 128, 256, 512],
+            blocks_per_stage=blocks_per_stage,
+            stage_strides=[1, 2, 2, 2],
+            num_classes=num_classes,
+            in_channels=in_channels,
+        )
+
+    register(name)(build)
+
+
+register_resnetv2("ResNet18", BasicBlock, [2, 2, 2, 2])
+register_resnetv2("ResNet50", Bottleneck, [3, 4, 6, 3])
