@@ -22,42 +22,44 @@ Data
     crops and flips are drawn for the global batch). Evaluation is not sharded: every rank evaluates the
     whole split, and only rank 0 writes files (checkpoints, history.tsv, metrics.json) and tracks (W&B, MLflow).
 
-One DistributedDataParallel per role
-    Each trainable role (``Method.roles()``) gets its own ``DistributedDataParallel``, hence its own buckets,
-    whose gradient all-reduces overlap the backward, and keeps its own optimiser. The wrappers are not part
-    of the method's module tree: ``wrap_roles`` builds them once, and ``role_wrappers(method)`` puts each one
-    at its role's attribute path (``method.student``, ``method.peers["teacher"]``) for the forward of a
-    training step only, so ``self.student(x)`` inside ``Method.step`` runs DDP's forward, which is what arms
-    its gradient hooks for the backward that follows. Everything else sees the plain networks: ``state_dict``
-    (no ``module.`` prefix), checkpoints, resume, evaluation (which must not run collectives: rank 0 evaluates
-    alone at the end), ``end_of_training`` and ``torch.compile``; nothing ever has to be unwrapped.
+One explicit handle: ``Replicas``
+    The loop creates one ``Replicas`` for the run (``make_replicas``; None in one process) and passes it to every
+    training step; nothing is stored in a module global and the method's module tree is never edited. At
+    creation it broadcasts rank 0's parameters and buffers of every role, so the replicas start equal. After each
+    backward the step calls ``replicas.average_gradients(...)``: the roles' gradients are averaged over the
+    ranks in flat buckets (about ``BUCKET_BYTES`` each, all-reduces launched together, then
+    awaited), in the same order on every rank. At the end of each epoch ``replicas.share_buffers()`` gives every
+    rank rank 0's BatchNorm running statistics (what DDP's per-forward buffer broadcast leaves before evaluation).
 
-Roles left out of ``step.update`` (SwitOKD's paused teacher)
-    DDP reduces a role's gradients in hooks that the backward fires. A role whose forward ran through DDP but
-    none of whose loss terms is backwarded fires none: nothing is reduced, its reducer simply starts over at
-    the next forward, and its optimiser does not step, so it gets no update, no momentum and no weight decay
-    on any rank. That is why neither ``find_unused_parameters`` (a graph traversal every step, and its "used"
-    would count the paused teacher's forward anyway) nor ``no_sync`` (the decision comes after the forward)
-    is used. What it needs is that every rank backwards the same roles: a role backwarded on one rank only
-    would leave that rank in an all-reduce the others never join. Methods therefore decide from global
-    statistics (``all_reduce_mean``: SwitOKD's mode), and ``check_same_roles`` verifies it every step (one
-    all-reduce of a few integers) and raises on every rank at once if they disagree.
+    Why this and not one ``DistributedDataParallel`` per role. DDP arms its gradient hooks in its own forward, so
+    the method's ``self.student(x)`` would have to run the wrapper: either the wrapper replaces the network in the
+    method's tree (``module.`` prefixes in every checkpoint, evaluation and ``end_of_training`` through DDP, and
+    collectives inside an evaluation that rank 0 runs alone) or it is swapped in around each step, which is what
+    this module used to do by editing torch's private ``_modules``. And a role whose method calls its parts
+    (AEKT's ModuleDict of network and head, SOKD's ``self.aux.head(...)``) never passes through DDP's forward at
+    all and needed a second path anyway. Averaging after the backward treats every role alike, whatever the
+    method calls, keeps the networks plain modules for checkpoints, evaluation and ``torch.compile`` (the
+    compiled step stops at the all-reduce and resumes after it), and is a few lines. What it gives up is DDP's
+    overlap of the all-reduce with the backward: for the networks here (0.1 M to 8 M parameters, at most 32 MiB
+    of gradients per step) the all-reduce is a small part of a step on NVLink or on one host's gloo.
 
-Roles DDP cannot see
-    A role that is not a module attribute of the method with a forward of its own (AEKT's ModuleDict of
-    network and head), or whose method calls its parts directly (SOKD's ``self.aux.head(...)``), never goes
-    through DDP's forward, so its hooks are never armed. Such a role is noticed at its first step (its
-    wrapper was not called) and from then on its gradients are averaged after the backward, one flat
-    all-reduce per role: the same result, without the overlap.
+Roles left out of an update (SwitOKD's paused teacher)
+    Only the roles a step updates are averaged, and every rank must update the same roles or one rank would wait
+    in an all-reduce the others never join. A method that decides on the device (SwitOKD's ``Step.gates``, from
+    the global batch's statistics through ``all_reduce_mean``) updates the same roles on every rank by
+    construction. Every step reduces every role's gradients (zeros for a role not updated), so the ranks always
+    send the same tensors, plus a count of the ranks updating each role; a method that names its roles in
+    Python (``Step.update``) reads that count every step (one host sync, for those methods only) and raises
+    if the ranks disagree, instead of leaving the ranks with different weights.
 
 SyncBatchNorm (``runtime.sync_batchnorm``)
-    The roles' BatchNorm layers are converted before wrapping (frozen ones, like a pre-trained teacher's, are
+    The roles' BatchNorm layers are converted when the replicas are made (frozen ones, like a pre-trained teacher's, are
     left alone), so that in training they normalise with the global batch's statistics and their running
     statistics are the one-process run's. On CUDA this is ``torch.nn.SyncBatchNorm``; elsewhere, where torch's
     SyncBatchNorm refuses to run, ``AllReduceBatchNorm`` does the same with one all-reduce of the per-channel
     sums in the forward and one in the backward. Parameters and buffers are kept, so the optimisers and the
-    checkpoints are unaffected. Without it, each rank normalises with its own shard's statistics and DDP
-    broadcasts rank 0's running statistics at every forward (DDP's default).
+    checkpoints are unaffected. Without it, each rank normalises with its own shard's statistics, and rank 0's
+    running statistics are the ones evaluated and saved (``share_buffers``).
 
 Failures
     The process group is created with ``timeout = runtime.ddp_timeout_s``: a rank that stops answering makes
@@ -72,8 +74,7 @@ tests/test_ddp.py runs all of this under torchrun on 2 CPU ranks, against one pr
 from __future__ import annotations
 
 import re
-import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -82,12 +83,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parallel import DistributedDataParallel
 
 if TYPE_CHECKING:
-    from reproduce.config import RuntimeConfig
-    from reproduce.runtime import Runtime
     from reproduce.methods.base import Method
+    from reproduce.runtime import Runtime
+
+BUCKET_BYTES = 25 * 2**20  # gradients per all-reduce (DDP's default bucket size)
 
 
 def is_distributed() -> bool:
@@ -232,12 +233,11 @@ def convert_sync_batchnorm(method: "Method", device: torch.device) -> int:
     replacements: dict[int, _BatchNorm] = {}
     parents = {id(parent): parent for root in [method, *roles] for parent in root.modules()}
     for parent in parents.values():
-        for name, child in list(parent._modules.items()):
-            if child is None or id(child) not in chosen:
-                continue
-            if id(child) not in replacements:
-                replacements[id(child)] = _synchronised(child, sync_class)
-            parent._modules[name] = replacements[id(child)]
+        for name, child in list(parent.named_children()):
+            if id(child) in chosen:
+                if id(child) not in replacements:
+                    replacements[id(child)] = _synchronised(child, sync_class)
+                setattr(parent, name, replacements[id(child)])  # nn.Module.__setattr__ re-registers the child
     return len(replacements)
 
 
@@ -252,158 +252,88 @@ def _synchronised(bn: _BatchNorm, sync_class: type[_BatchNorm]) -> _BatchNorm:
     return sync
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# One DistributedDataParallel per role
+# The handle the loop passes to every step
 
 
-class RoleDDP(DistributedDataParallel):
-    """DDP for one role; counts its forwards (a role never called through it is averaged after the backward)
-    and lends the wrapped network's attributes, so ``self.aux.head`` still works while it stands in."""
+class Replicas:
+    """The method's roles replicated over the ranks of one torchrun job (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, **kwargs: Any) -> None:
-        super().__init__(module, **kwargs)
-        self.calls = 0
+    def __init__(self, method: "Method", device: torch.device) -> None:
+        self.names = sorted(method.roles())
+        self.roles = method.roles()
+        self.device = device
+        self._flags: dict[frozenset[str], Tensor] = {}  # on the device, made once per set of updated roles
+        with torch.no_grad(), explain_failures("broadcast of the initial weights"):
+            for module in self.roles.values():
+                for tensor in module.state_dict().values():
+                    dist.broadcast(tensor, src=0)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        with explain_failures("DDP forward"):
-            return super().forward(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(self.module, name)
-
-
-class DistributedRoles:
-    """The DDP wrappers of a method's roles and where they stand in during a training step's forward."""
-
-    def __init__(self, method: "Method", device: torch.device, quiet: bool) -> None:
-        self.method_name = method.name
-        self.quiet = quiet or dist.get_rank() != 0
-        self.wrappers: dict[str, RoleDDP] = {}
-        self.slots: dict[str, list[tuple[nn.Module, str]]] = {}
-        self.averaged: dict[str, nn.Module] = {}  # roles whose gradients are averaged after the backward
-        for role, module in method.roles().items():
-            slots = [(parent, name) for parent in method.modules() for name, child in parent._modules.items()
-                     if child is module]
-            if not slots or type(module).forward is nn.Module.forward:
-                self.averaged[role] = module
-                self._note(role, "is not a network attribute of the method with its own forward")
-                _broadcast_state(module)
-                continue
-            # DDP's defaults otherwise: buffers (BatchNorm's running statistics) follow rank 0 at every forward,
-            # and no find_unused_parameters (see "Roles left out of step.update" above).
-            self.wrappers[role] = RoleDDP(module, device_ids=[device.index] if device.type == "cuda" else None)
-            self.slots[role] = slots
-
-    def _note(self, role: str, why: str) -> None:
-        if not self.quiet:
-            print(f"[reproduce] DDP: role {role!r} of {self.method_name} {why}; its gradients are averaged after "
-                  f"the backward (correct, without DDP's overlap)", flush=True)
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        for role, wrapper in self.wrappers.items():
-            wrapper.calls = 0
-            for parent, name in self.slots[role]:
-                parent._modules[name] = wrapper
-        try:
-            yield
-        finally:
-            for role, wrapper in self.wrappers.items():
-                for parent, name in self.slots[role]:
-                    parent._modules[name] = wrapper.module
-
-    def average_the_rest(self, update: list[str]) -> None:
-        """After the backward: average the gradients of the updated roles DDP did not reduce."""
-        for role in update:
-            wrapper = self.wrappers.get(role)
-            if wrapper is not None and wrapper.calls == 0:
-                # Never armed from now on (it is no longer installed), so its hooks cannot reduce as well.
-                self.averaged[role] = self.wrappers.pop(role).module
-                del self.slots[role]
-                self._note(role, "is computed without calling its network (e.g. through its parts)")
-            if role in self.averaged:
-                average_gradients(self.averaged[role])
-
-
-def _broadcast_state(module: nn.Module) -> None:
-    """Rank 0's parameters and buffers on every rank (what DDP does for the roles it wraps)."""
-    with torch.no_grad(), explain_failures("broadcast of the initial weights"):
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=0)
-
-
-def average_gradients(module: nn.Module) -> None:
-    """Mean of the trainable parameters' gradients over the ranks, one flat all-reduce per dtype; a missing
-    gradient counts as zero (every rank must send the same tensors)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    world = dist.get_world_size()
-    for dtype in {p.dtype for p in params}:
-        group = [p for p in params if p.dtype == dtype]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+    def average_gradients(self, updated: list[str], check: bool) -> None:
+        """After the backward: every rank's gradients become their mean over the ranks. Every role is reduced
+        (a parameter without a gradient counts as zero), so every rank sends the same tensors whatever it
+        updates; with them goes a count of the ranks updating each role. ``check`` (a method that names its
+        roles in ``Step.update``) reads that count: one host sync, and an error on every rank that sees the
+        ranks disagree (a rank left waiting elsewhere then finds its peer gone at its next collective)."""
+        params = [p for role in self.names for p in self.roles[role].parameters() if p.requires_grad]
+        buckets = _buckets(params)
+        flats = [torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+                 for bucket in buckets]
+        key = frozenset(updated)
+        if key not in self._flags:
+            self._flags[key] = torch.tensor([float(role in key) for role in self.names], device=self.device)
+        updating = self._flags[key].clone()
         with explain_failures("gradient all-reduce"):
-            dist.all_reduce(flat)
-        flat /= world
-        offset = 0
-        for p in group:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+            pending = [dist.all_reduce(flat, async_op=True) for flat in [*flats, updating]]
+            for work in pending:
+                work.wait()
+        world = dist.get_world_size()
+        for bucket, flat in zip(buckets, flats):
+            flat /= world
+            for p, grad in zip(bucket, flat.split([p.numel() for p in bucket])):
+                p.grad = grad.view_as(p)
+        if check:
+            disputed = [role for role, count in zip(self.names, updating.tolist()) if 0 < count < world]
+            if disputed:
+                raise RuntimeError(f"the ranks disagree on whether to update role(s) {disputed} this step; a "
+                                   f"method's step.update must be the same on every rank: decide from statistics "
+                                   f"of the global batch (reproduce.distributed.all_reduce_mean), not of a rank's "
+                                   f"shard")
+
+    def share_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank, once per epoch."""
+        with torch.no_grad(), explain_failures("broadcast of the buffers"):
+            for module in self.roles.values():
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, src=0)
 
 
-_ROLES: "weakref.WeakKeyDictionary[Method, DistributedRoles]" = weakref.WeakKeyDictionary()
+def _buckets(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """Consecutive parameters of one dtype, about BUCKET_BYTES per bucket."""
+    buckets: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        if not buckets or p.dtype != buckets[-1][0].dtype or size + p.numel() * p.element_size() > BUCKET_BYTES:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel() * p.element_size()
+    return buckets
 
 
-def wrap_roles(method: "Method", runtime: "Runtime", config: "RuntimeConfig") -> DistributedRoles | None:
-    """Under torchrun: synchronise the roles' BatchNorm if asked, then build one DDP per role (see the module
-    docstring). In one process: nothing (None)."""
+def make_replicas(method: "Method", runtime: "Runtime", *, sync_batchnorm: bool, quiet: bool) -> Replicas | None:
+    """Under torchrun: synchronise the roles' BatchNorm if asked, then the replicas' handle. In one process: None."""
     if runtime.world_size <= 1:
         return None
     if not is_distributed():
         raise RuntimeError("WORLD_SIZE > 1 but no process group is initialised (resolve_runtime creates it)")
-    converted = convert_sync_batchnorm(method, runtime.device) if config.sync_batchnorm else 0
-    roles = DistributedRoles(method, runtime.device, config.quiet)
-    if runtime.is_main and not config.quiet:
+    converted = convert_sync_batchnorm(method, runtime.device) if sync_batchnorm else 0
+    replicas = Replicas(method, runtime.device)
+    if runtime.is_main and not quiet:
         print(f"[reproduce] DDP: {runtime.world_size} ranks ({dist.get_backend()}), roles "
-              f"{', '.join(sorted(method.roles()))}; the global batch is world_size x recipe.batch_size and the "
+              f"{', '.join(sorted(replicas.roles))}; the global batch is world_size x recipe.batch_size and the "
               f"learning rate is used as given (scale it yourself)"
-              + (f"; {converted} BatchNorm layers synchronised" if config.sync_batchnorm else ""), flush=True)
-    _ROLES[method] = roles
-    return roles
-
-
-@contextmanager
-def role_wrappers(method: "Method") -> Iterator[None]:
-    """Around ``method.step``: the roles' DDP wrappers stand in for their networks (nothing in one process)."""
-    roles = _ROLES.get(method)
-    if roles is None:
-        yield
-        return
-    with roles.installed():
-        yield
-
-
-def after_backward(method: "Method", update: list[str]) -> None:
-    """After the backward: average what DDP did not (nothing in one process)."""
-    roles = _ROLES.get(method)
-    if roles is not None:
-        roles.average_the_rest(update)
-
-
-def check_same_roles(update: list[str], roles: list[str], device: torch.device) -> None:
-    """Raise on every rank at once unless every rank updates the same roles this step (otherwise one rank would
-    wait for ever in an all-reduce of gradients that the others never send)."""
-    flags = torch.tensor([role in update for role in roles], dtype=torch.int32, device=device)
-    both = torch.cat([flags, 1 - flags])  # max of both = some rank updates the role and some rank does not
-    with explain_failures("agreement on the roles to update"):
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    split = both.tolist()
-    disputed = [role for role, yes, no in zip(roles, split[:len(roles)], split[len(roles):]) if yes and no]
-    if disputed:
-        raise RuntimeError(f"the ranks disagree on whether to update role(s) {disputed} this step; a method's "
-                           f"step.update must be the same on every rank: decide from statistics of the global "
-                           f"batch (reproduce.distributed.all_reduce_mean), not of a rank's shard")
+              + (f"; {converted} BatchNorm layers synchronised" if sync_batchnorm else ""), flush=True)
+    return replicas

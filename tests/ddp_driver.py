@@ -5,7 +5,8 @@ rank did into ``<record dir>/rank<r>.json``:
 - ``writes``: every file this rank opened for writing, or moved into place, under the working directory;
 - ``tracker_enabled``: whether this rank's Tracker was asked to track;
 - ``updates``, ``signals``, ``digests``: per training step, the roles updated, the method's signals and a
-  digest of every role's parameters after the step; ``ddp_roles``: the roles DDP reduces (after the last step);
+  digest of every role's parameters after the step; ``ddp_roles``: the roles whose gradients the step's
+  ``replicas`` handle averages (reproduce/distributed.py);
 and every role's parameters before and after the first step into ``<record dir>/rank<r>_step1.pt``.
 
 ``DDP_TEST_FAULT=<kind>:<rank>:<step>`` makes that rank misbehave at that training step (counted from 1):
@@ -52,7 +53,6 @@ def _instrument() -> None:
     import torch
 
     import reproduce.train.loop as engine
-    from reproduce import distributed
     from reproduce.data.loader import DeviceLoader
 
     epoch = DeviceLoader.epoch
@@ -98,8 +98,8 @@ def _instrument() -> None:
         record["digests"].append({role: _digest(module) for role, module in method.roles().items()})
         if len(record["updates"]) == 1:
             first_step["after"] = _flat(method)
-        roles = distributed._ROLES.get(method)
-        record["ddp_roles"] = sorted(roles.wrappers) if roles is not None else []
+        replicas = kwargs.get("replicas")
+        record["ddp_roles"] = list(replicas.names) if replicas is not None else []
         return step
 
     engine.train_step = recording_train_step

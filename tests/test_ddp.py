@@ -187,7 +187,7 @@ def test_dml_on_two_ranks_matches_one_process_with_the_global_batch(dml: tuple[d
     _check_shards(single, ddp)
     _check_rank_zero_alone_writes(ddp)
     _check_replicas_agree(ddp)
-    assert ddp["records"][0]["ddp_roles"] == ["student", "teacher"]  # one DDP per role, reducing in the backward
+    assert ddp["records"][0]["ddp_roles"] == ["student", "teacher"]  # every role's gradients averaged
     _check_matches_single(single, ddp, ("teacher", "student"))
     print(f"dml: one process {single['seconds']:.1f} s, two ranks {ddp['seconds']:.1f} s")
 
@@ -265,16 +265,19 @@ def teacher_runs(prepared_root: Path, workdir: Path) -> Path:
     return run["run_dir"].parent
 
 
-def test_a_role_that_bypasses_its_networks_forward_is_averaged_after_the_backward(
+def test_a_role_that_bypasses_its_networks_forward_is_averaged_like_every_other(
         prepared_root: Path, teacher_runs: Path, workdir: Path) -> None:
-    """SOKD calls ``self.aux.head(...)``, never ``self.aux(...)``: DDP's hooks never arm for that role, so its
-    gradients are averaged after the backward (as for AEKT's role, a ModuleDict without a forward), and the
-    replicas must still agree after every step. Its student goes through DDP."""
+    """SOKD calls ``self.aux.head(...)``, never ``self.aux(...)`` (and AEKT's role is a ModuleDict without a
+    forward): the replicas average every role's gradients after the backward, whatever the method calls, so
+    the replicas of both roles agree after every step."""
     params = _params(prepared_root, workdir, PER_RANK, False, recipe={"epochs": 1},
                      teacher={"runs_root": str(teacher_runs)}, runtime={"quiet": False})
     run = _launch(workdir, "sokd-ddp", "sokd", params, WORLD)
     _finished(run)
     _check_replicas_agree(run)
     assert len(run["records"][0]["digests"]) == 4
-    assert run["records"][0]["ddp_roles"] == ["student"]
-    assert "role 'aux' of sokd is computed without calling its network" in run["output"]
+    assert run["records"][0]["ddp_roles"] == ["aux", "student"]
+    assert "DDP: 2 ranks (gloo), roles aux, student" in run["output"]
+    for rank in range(WORLD):  # both roles train: each step moves both
+        digests = run["records"][rank]["digests"]
+        assert all(digests[k][role] != digests[k - 1][role] for k in range(1, 4) for role in ("aux", "student"))

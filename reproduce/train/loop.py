@@ -23,10 +23,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from reproduce import distributed
 from reproduce.config import Config, ConfigError
 from reproduce.data.loader import Batches, make_loaders
 from reproduce.data.prepare import load_prepared
+from reproduce.distributed import Replicas, make_replicas
 from reproduce.io import atomic_torch_save, write_table
 from reproduce.methods.base import Method, build_method, get_method
 from reproduce.runtime import Runtime, resolve_runtime, seed_everything
@@ -43,7 +43,8 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def train_epoch(method: Method, optimizers: dict[str, torch.optim.Optimizer], batches: Batches, epoch: int,
-                config: Config, runtime: Runtime, progress: "tqdm | None" = None) -> dict[str, float]:
+                config: Config, runtime: Runtime, progress: "tqdm | None" = None,
+                replicas: Replicas | None = None) -> dict[str, float]:
     """Every step of one epoch; returns the epoch's mean losses and signals, learning rates and timing."""
     method.train()
     sums: dict[str, Tensor | float] = defaultdict(float)
@@ -53,7 +54,7 @@ def train_epoch(method: Method, optimizers: dict[str, torch.optim.Optimizer], ba
     started = time.perf_counter()
     for index, (x, y) in enumerate(batches.epoch(epoch)):
         set_learning_rates(optimizers, config.recipe, epoch, index / steps)
-        step = train_step(method, optimizers, x, y, epoch, runtime, index)
+        step = train_step(method, optimizers, x, y, epoch, runtime, index, replicas=replicas)
         # Accumulate on the device; converting to Python floats every step would sync a GPU.
         for role, terms in step.losses.items():
             for term, value in terms.items():
@@ -117,7 +118,8 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
         method.to(memory_format=torch.channels_last)
     optimizers = {role: make_optimizer(module, config.recipe.optimizer_for(role))
                   for role, module in method.roles().items()}
-    distributed.wrap_roles(method, runtime, config.runtime)  # torchrun: one DDP per role (reproduce/distributed.py)
+    # torchrun: the roles replicated over the ranks (reproduce/distributed.py); None in one process.
+    replicas = make_replicas(method, runtime, sync_batchnorm=config.runtime.sync_batchnorm, quiet=config.runtime.quiet)
 
     state = load_checkpoint(spec, config, resume)
     history: list[dict[str, float]] = []
@@ -149,7 +151,9 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
     try:
         for epoch in range(start_epoch, config.recipe.epochs + 1):
             row: dict[str, float] = {"epoch": epoch}
-            row.update(train_epoch(method, optimizers, train_batches, epoch, config, runtime, bar))
+            row.update(train_epoch(method, optimizers, train_batches, epoch, config, runtime, bar, replicas))
+            if replicas is not None:
+                replicas.share_buffers()
             metrics, logits, labels = evaluate(method, eval_batches, runtime, fixed_logits)
             row.update(metrics)
             history.append(row)

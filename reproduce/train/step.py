@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reproduce import distributed
+from reproduce.distributed import Replicas
 from reproduce.methods.base import Method, Step
 from reproduce.runtime import Runtime
 
@@ -20,25 +20,25 @@ class DivergedError(RuntimeError):
 
 
 def train_step(method: Method, optimizers: dict[str, torch.optim.Optimizer], x: Tensor, y: Tensor, epoch: int,
-               runtime: Runtime, index: int | None = None) -> Step:
+               runtime: Runtime, index: int | None = None, replicas: Replicas | None = None) -> Step:
     """One optimisation step, top to bottom: the method's losses, one backward, the updated roles step.
 
     Every peer target is detached inside the losses, so the sum of the updated roles' losses has
     gradients only in their own parameters; a role left out of ``step.update`` gets no gradient, no
-    momentum and no weight decay. ``index`` (the step within the epoch) only names the step in errors."""
+    momentum and no weight decay. ``index`` (the step within the epoch) only names the step in errors.
+    ``replicas`` (torchrun, reproduce/distributed.py) averages the updated roles' gradients over the ranks."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
                         enabled=runtime.amp_dtype is not None):
-        with distributed.role_wrappers(method):  # under DDP the forward arms each role's gradient all-reduce
-            step = method.step(x, y, epoch)
+        step = method.step(x, y, epoch)
     _check_finite(step, method, epoch, index)
-    update = _roles_to_update(step.update, optimizers, runtime)
+    update = _roles_to_update(step.update, optimizers)
     total = sum(sum(step.losses[role].values()) for role in update if role in step.losses)
     if torch.is_tensor(total):  # zero when no role trains this step
         total.backward()
-    if runtime.world_size > 1:
-        distributed.after_backward(method, update)  # the roles DDP could not reduce during the backward
+    if replicas is not None:  # the ranks' mean gradient; the roles' agreement checked if the method names them
+        replicas.average_gradients(update, check=step.update is not None)
     for role in update:
         optimizers[role].step()
     return step
@@ -58,12 +58,9 @@ def _check_finite(step: Step, method: Method, epoch: int, index: int | None) -> 
                         f"or the method's coefficients; the last good checkpoint is kept")
 
 
-def _roles_to_update(requested: frozenset[str] | None, optimizers: dict[str, Any], runtime: Runtime) -> list[str]:
+def _roles_to_update(requested: frozenset[str] | None, optimizers: dict[str, Any]) -> list[str]:
     roles = sorted(optimizers) if requested is None else sorted(requested)
     unknown = set(roles) - set(optimizers)
     if unknown:
         raise KeyError(f"step asked to update unknown roles {sorted(unknown)}; roles are {sorted(optimizers)}")
-    if runtime.world_size > 1:
-        # A role backwarded on some ranks only would leave them waiting in DDP's all-reduce: fail on all at once.
-        distributed.check_same_roles(roles, sorted(optimizers), runtime.device)
     return roles
