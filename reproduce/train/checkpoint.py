@@ -1,22 +1,31 @@
-"""Checkpoints: what is saved each epoch, what must match to resume, and loading files safely."""
+"""Checkpoints: what is saved each epoch, what must match to resume, and loading files safely.
+
+``last.pt`` holds what resuming needs and nothing that can be rebuilt: the networks that never change (a
+frozen, pre-trained teacher, reproduce/train/frozen.py) are reloaded from their source on resume and only
+their sha256 is saved, so that a resumed run refuses a teacher that changed. The state is copied to the
+host on the training thread and written by ``BackgroundWriter`` on another, atomically (a temporary file,
+then a rename); the loop waits for one write before it starts the next, and before it leaves."""
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import random
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from reproduce.config import Config, ConfigError
 from reproduce.io import atomic_torch_save
 from reproduce.methods.base import Method
+from reproduce.train.frozen import digest as frozen_digest
 from reproduce.train.spec import RunSpec
 
-CHECKPOINT_FORMAT = 3  # 3: loadable with weights_only=True
+CHECKPOINT_FORMAT = 4  # 3: loadable with weights_only=True; 4: without the frozen networks (their digest)
 
 
 class CheckpointError(ConfigError):
@@ -84,25 +93,81 @@ def load_checkpoint(spec: RunSpec, config: Config, mode: str) -> dict[str, Any] 
     return state
 
 
-def save_checkpoint(path: Path, *, config: Config, spec: RunSpec, epoch: int, method: Method,
-                    optimizers: dict[str, torch.optim.Optimizer], history: list[dict[str, float]],
-                    best: dict[str, Any], tracker_key: Any) -> None:
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "key": resume_key(config, spec), "epoch": epoch,
-                       "method": method.state_dict(),
-                       "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
-                       "rng": rng_state(), "history": history, "best": best,
-                       "tracker_key": tracker_key}, path)
+def checkpoint_state(*, config: Config, spec: RunSpec, epoch: int, method: Method,
+                     optimizers: dict[str, torch.optim.Optimizer], history: list[dict[str, float]],
+                     best: dict[str, Any], tracker_key: Any, frozen: list[nn.Module]) -> dict[str, Any]:
+    """``last.pt``'s content, copied to the host now: training may go on while a thread writes it."""
+    return host_copy({"format": CHECKPOINT_FORMAT, "key": resume_key(config, spec), "epoch": epoch,
+                      "method": trainable_state(method, frozen), "frozen": frozen_digest(frozen),
+                      "optimizers": {r: o.state_dict() for r, o in optimizers.items()},
+                      "rng": rng_state(), "history": list(history), "best": dict(best), "tracker_key": tracker_key})
 
 
-def restore(state: dict[str, Any], method: Method, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-    method.load_state_dict(state["method"])
+def trainable_state(method: Method, frozen: list[nn.Module]) -> dict[str, Any]:
+    """The method's state dict without the frozen networks' tensors (wherever they appear: SOKD's branch
+    shares its frozen teacher's trunk)."""
+    shared = {id(tensor) for network in frozen for tensor in network.state_dict(keep_vars=True).values()}
+    return {key: value for key, value in method.state_dict(keep_vars=True).items() if id(value) not in shared}
+
+
+def restore(state: dict[str, Any], method: Method, optimizers: dict[str, torch.optim.Optimizer],
+            frozen: list[nn.Module], path: Path) -> None:
+    if state["frozen"] != frozen_digest(frozen):
+        raise CheckpointError(f"{path}: the frozen teacher loaded now is not the one this run trained with (its "
+                              f"sha256 differs); point the teacher back at that file, or rerun with --resume never")
+    expected = set(method.state_dict()) - set(trainable_state(method, frozen))
+    missing, unexpected = method.load_state_dict(state["method"], strict=False)
+    if unexpected or set(missing) != expected:
+        raise CheckpointError(f"{path}: this checkpoint does not fit the method's networks (missing "
+                              f"{sorted(set(missing) - expected)[:3]}, unexpected {sorted(unexpected)[:3]}); rerun "
+                              f"with --resume never")
     for role, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][role])
     restore_rng(state["rng"])
 
 
+def host_copy(value: Any) -> Any:
+    """``value`` with every tensor copied to the host (containers rebuilt, everything else shared)."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item) for item in value)
+    return value
+
+
+class BackgroundWriter:
+    """Runs write jobs on a thread, one at a time: ``submit`` waits for the previous job, ``wait`` before the
+    files are read or the run ends. A job's error is raised by the next ``submit`` or ``wait``."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as error:  # re-raised on the training thread
+                self._error = error
+
+        self._thread = threading.Thread(target=run, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 def save_networks(method: Method, config: Config, path: Path, epoch: int) -> None:
     """The evaluated networks' weights (final.pt / best.pt), with the architectures that read them."""
     networks = method.eval_networks()
-    atomic_torch_save({"epoch": epoch, "models": dataclasses.asdict(config.models),
+    atomic_torch_save({"epoch": epoch, "models": config.models.model_dump(),
                        "networks": {name: net.state_dict() for name, net in networks.items()}}, path)
