@@ -1,4 +1,5 @@
-"""Model zoo: every model is a SplitNet built by name through one registry."""
+"""Model zoo: every model is a SplitNet built by name through one registry; pretrained weights through
+``load_pretrained`` (reproduce/models/pretrained.py)."""
 
 # Imported for their side effect: their @register calls fill the registry.
 from reproduce.models import (  # noqa: F401
@@ -12,6 +13,7 @@ from reproduce.models import (  # noqa: F401
     wrn,
 )
 from reproduce.models.base import SplitNet
+from reproduce.models.pretrained import PretrainedError, PretrainedSource, load_pretrained
 from reproduce.models.registry import available, create, register
 
-__all__ = ["SplitNet", "available", "create", "register"]
+__all__ = ["PretrainedError", "PretrainedSource", "SplitNet", "available", "create", "load_pretrained", "register"]

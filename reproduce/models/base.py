@@ -19,6 +19,9 @@ class SplitNet(nn.Module):
     """
 
     source: PretrainedSource | None = None  # where its weights came from (load_pretrained); None: freshly built
+    # TorchScript (export --format torchscript) compiles forward only: not the provenance or the property.
+    __jit_ignored_attributes__ = ["source"]
+    __jit_unused_properties__ = ["classifier"]
 
     def __init__(self, trunk: nn.Sequential, head: nn.Sequential) -> None:
         super().__init__()
