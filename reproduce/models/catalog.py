@@ -97,6 +97,17 @@ def missing_teacher_message(path: str | Path) -> str:
     return f"teacher checkpoint {path} not found; {where}; or --set teacher.checkpoint=null trains the teacher first"
 
 
+def ensure_teacher(spec: str, download: bool) -> None:
+    """Before a run: the configured teacher file is there, or fetched (``download``), or a clear error saying
+    where it comes from. ``torchvision:`` specs are left to torchvision's own download at load time."""
+    path = Path(spec.partition("#")[0])
+    if spec.startswith("torchvision:") or path.is_file():
+        return
+    if not download:
+        raise TeacherNotFoundError(missing_teacher_message(path))
+    fetch_teacher(path)
+
+
 def fetch_teacher(path: str | Path, progress: bool = True) -> Path:
     """Download the release archive holding the catalogued teacher at ``path`` (where the network allows) and
     unpack it where ``path`` expects it. Refused: a teacher the catalogue has no archive for, a download

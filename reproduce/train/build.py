@@ -3,9 +3,9 @@
 The teacher offline methods distil from (and SOKD grafts onto, R2KD prunes) is ``teacher.checkpoint`` when
 set, a released teacher such as CRD's or torchvision's (reproduce/models/catalog.py), else the ``teacher``
 method's own ``runs_root/seed<k>/final.pt``. Either way it loads through ``reproduce.models.load_pretrained``,
-and the run records which file it was (``RunNetworks.teacher_source``: path, sha256, the test top-1 the
-checkpoint records and the published one). ``check_teacher`` evaluates that same teacher on the test split
-(``python -m reproduce teacher-check``).
+and the teacher carries the record of which file it was (``teacher.source``: path, sha256, the test top-1 the
+checkpoint records and the published one), which the run writes into metrics.json. ``check_teacher``
+evaluates that same teacher on the test split (``python -m reproduce teacher-check``).
 """
 
 from __future__ import annotations
@@ -29,25 +29,14 @@ from reproduce.train.evaluate import predict
 TEACHER_TOLERANCE = 0.5  # top-1 points between a teacher's measured and published accuracy before a warning
 
 
-@dataclass
-class RunNetworks(Networks):
-    """``Networks`` plus the record of the teacher a method loaded (None until one is loaded)."""
-
-    teacher_source: PretrainedSource | None = None
-
-
-def make_networks(config: Config, num_classes: int, in_channels: int, device: torch.device) -> RunNetworks:
+def make_networks(config: Config, num_classes: int, in_channels: int, device: torch.device) -> Networks:
     def create(arch: str) -> nn.Module:
         return models.create(arch, num_classes, in_channels=in_channels)
 
     def load_teacher() -> nn.Module:
-        teacher = load_configured_teacher(config, num_classes, in_channels)
-        networks.teacher_source = teacher.source
-        return teacher
+        return load_configured_teacher(config, num_classes, in_channels)
 
-    networks = RunNetworks(config.models.teacher, config.models.student, num_classes, in_channels, create,
-                           load_teacher)
-    return networks
+    return Networks(config.models.teacher, config.models.student, num_classes, in_channels, create, load_teacher)
 
 
 def load_configured_teacher(config: Config, num_classes: int, in_channels: int) -> models.SplitNet:
@@ -82,6 +71,10 @@ class TeacherCheck:
         """Measured minus published top-1 (points); None where nothing is published."""
         return None if self.source.published is None else self.top1 - self.source.published
 
+    @property
+    def disagrees(self) -> bool:
+        return self.gap is not None and abs(self.gap) > TEACHER_TOLERANCE
+
     def report(self) -> list[str]:
         recorded = "" if self.source.accuracy is None else f", {self.source.accuracy:.2f} % recorded in the checkpoint"
         published = "not published" if self.source.published is None else f"{self.source.published:.2f} % published"
@@ -89,7 +82,7 @@ class TeacherCheck:
                  f"{self.source.sha256[:12]})",
                  f"test top-1 {self.top1:.2f} % (ECE {100 * self.ece:.2f} %) on {self.images} images; {published}"
                  f"{recorded}"]
-        if self.gap is not None and abs(self.gap) > TEACHER_TOLERANCE:
+        if self.disagrees:
             lines.append(f"warning: {self.gap:+.2f} points from the published accuracy (tolerance "
                          f"{TEACHER_TOLERANCE}); the usual cause is the wrong normalisation (dataset.normalization) "
                          f"or split")
