@@ -45,32 +45,31 @@ def linear(name: str, out: int, inp: int) -> Shapes:
     return {f"{name}.weight": (out, inp), f"{name}.bias": (out,)}
 
 
-def crd_resnet(depth: int, filters: list[int], classes: int) -> Shapes:
-    """resnet.py: ResNet(depth, num_filters, 'basicblock'); downsample where the stride or width changes."""
-    blocks, shapes, inplanes = (depth - 2) // 6, {**conv("conv1", filters[0], 3, 3), **bn("bn1", filters[0])}, filters[0]
-    for stage, (planes, stride) in enumerate(zip(filters[1:], (1, 2, 2)), start=1):
+def basic_resnet(stem: int, stages: list[tuple[int, int, int]], shortcut: str, classifier: str, classes: int) -> Shapes:
+    """BasicBlock ResNets: conv1/bn1 stem, layer<k>.<i>.{conv1, bn1, conv2, bn2}, a projecting shortcut where
+    the stride or the width changes; ``stages`` lists (planes, stride, blocks)."""
+    shapes, inplanes = {**conv("conv1", stem, 3, 3), **bn("bn1", stem)}, stem
+    for stage, (planes, stride, blocks) in enumerate(stages, start=1):
         for index in range(blocks):
             name = f"layer{stage}.{index}"
             shapes |= conv(f"{name}.conv1", planes, inplanes, 3) | bn(f"{name}.bn1", planes)
             shapes |= conv(f"{name}.conv2", planes, planes, 3) | bn(f"{name}.bn2", planes)
             if index == 0 and (stride != 1 or inplanes != planes):
-                shapes |= conv(f"{name}.downsample.0", planes, inplanes, 1) | bn(f"{name}.downsample.1", planes)
+                shapes |= conv(f"{name}.{shortcut}.0", planes, inplanes, 1) | bn(f"{name}.{shortcut}.1", planes)
             inplanes = planes
-    return shapes | linear("fc", classes, filters[-1])
+    return shapes | linear(classifier, classes, inplanes)
+
+
+def crd_resnet(depth: int, filters: list[int], classes: int) -> Shapes:
+    """resnet.py: ResNet(depth, num_filters, 'basicblock'): the shortcut is `downsample`, the classifier `fc`."""
+    blocks = (depth - 2) // 6
+    return basic_resnet(filters[0], [(filters[1], 1, blocks), (filters[2], 2, blocks), (filters[3], 2, blocks)],
+                        "downsample", "fc", classes)
 
 
 def crd_resnet18(classes: int) -> Shapes:
     """resnetv2.py ResNet18: BasicBlock [2, 2, 2, 2] from a 64-channel stem; `shortcut` and `linear`."""
-    shapes, inplanes = {**conv("conv1", 64, 3, 3), **bn("bn1", 64)}, 64
-    for stage, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2)), start=1):
-        for index in range(2):
-            name = f"layer{stage}.{index}"
-            shapes |= conv(f"{name}.conv1", planes, inplanes, 3) | bn(f"{name}.bn1", planes)
-            shapes |= conv(f"{name}.conv2", planes, planes, 3) | bn(f"{name}.bn2", planes)
-            if index == 0 and (stride != 1 or inplanes != planes):
-                shapes |= conv(f"{name}.shortcut.0", planes, inplanes, 1) | bn(f"{name}.shortcut.1", planes)
-            inplanes = planes
-    return shapes | linear("linear", classes, 512)
+    return basic_resnet(64, [(64, 1, 2), (128, 2, 2), (256, 2, 2), (512, 2, 2)], "shortcut", "linear", classes)
 
 
 def crd_wrn(depth: int, widen: int, classes: int) -> Shapes:
@@ -462,10 +461,10 @@ def test_what_the_official_files_carry_loads_and_code_is_refused(tmp_path: Path)
     path = crd_checkpoint(tmp_path / "wrapped.pth", wrapped, accuracy=np.float64(70.25))
     assert load_pretrained("resnet8", path, CLASSES).source.accuracy == 70.25
     torch.save({"model": state, "hook": Path("x")}, tmp_path / "code.pth")
-    with pytest.raises(PretrainedError, match="refused to load: it holds more than tensors"):
+    with pytest.raises(PretrainedError, match="refused to load this checkpoint: it holds more than tensors"):
         load_pretrained("resnet8", tmp_path / "code.pth", CLASSES)
     (tmp_path / "broken.pth").write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(PretrainedError, match="corrupt or truncated"):
+    with pytest.raises(PretrainedError, match=r"this checkpoint is corrupt or truncated \(.*\); download it again$"):
         load_pretrained("resnet8", tmp_path / "broken.pth", CLASSES)
     with pytest.raises(PretrainedError, match="no upstream key layout for switokd_wrn_16_1"):
         load_pretrained("switokd_wrn_16_1", path, CLASSES)

@@ -104,18 +104,19 @@ def _plain_data_types() -> list[Any]:
             reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
-def read_checkpoint(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` onto the CPU; a clear error for pickled code or a broken file."""
+def read_checkpoint(path: Path, what: str = "checkpoint", fix: str = "download it again") -> Any:
+    """``torch.load`` with ``weights_only=True`` onto the CPU; a clear error naming ``what`` the file should
+    be and the ``fix`` for pickled code or a broken file."""
     try:
         with torch.serialization.safe_globals(_plain_data_types()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise PretrainedError(f"{path}: refused to load: it holds more than tensors and plain values "
+        raise PretrainedError(f"{path}: refused to load this {what}: it holds more than tensors and plain values "
                               f"({str(error).splitlines()[0]}); files from others are never unpickled as code. "
                               f"Re-save its state_dict alone (torch.save(model.state_dict(), ...))") from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise PretrainedError(f"{path}: corrupt or truncated checkpoint ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it again") from None
+        raise PretrainedError(f"{path}: this {what} is corrupt or truncated ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else 'no detail'}); {fix}") from None
 
 
 def _interpret(saved: Any, path: Path, arch: str, role: str) -> _Weights:
