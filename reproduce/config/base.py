@@ -46,7 +46,7 @@ Flag = Annotated[bool, Strict()]  # true or false, nothing YAML would not read a
 def _range(check: Any, text: str) -> AfterValidator:
     def validate(value: Any) -> Any:
         if not check(value):
-            raise PydanticCustomError("out_of_range", f"{text}, got {{value}}", {"value": value})
+            raise PydanticCustomError("out_of_range", "{message}", {"message": f"{text}, got {value}"})
         return value
 
     return AfterValidator(validate)
@@ -66,7 +66,7 @@ def matching(pattern: str, expected: str) -> AfterValidator:
 
     def validate(value: str) -> str:
         if not form.fullmatch(value):
-            raise PydanticCustomError("form", f"expected {expected}, got {{value!r}}", {"value": value})
+            raise PydanticCustomError("form", "{message}", {"message": f"expected {expected}, got {value!r}"})
         return value
 
     return AfterValidator(validate)
@@ -128,8 +128,6 @@ def build_dataclass(cls: type, raw: dict[str, Any] | None, where: str) -> Any:
     unknown keys, wrong types and non-finite numbers are ``ConfigError``s naming ``where.key``; then the
     dataclass's own ``validate()``, if it has one."""
     raw = {} if raw is None else raw
-    if isinstance(raw, Section):  # transition: sweeps/ and analysis/ still rebuild their section as a dataclass
-        raw = raw.model_dump()
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {raw!r}")
     known = [f.name for f in dataclasses.fields(cls) if f.init]
