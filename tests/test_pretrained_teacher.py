@@ -43,9 +43,8 @@ def test_offline_sokd_and_r2kd_build_their_teachers_from_teacher_checkpoint(prep
     config = tiny_config(prepared_root, tmp_path, teacher={"checkpoint": str(path)})
     x = torch.randn(4, 1, 8, 8)
     for name in ("kd", "sokd", "r2kd"):
-        networks = make_networks(config, *DIGITS, torch.device("cpu"))
-        method = build_method(config, name, networks)
-        assert networks.teacher_source.path == str(path) and networks.teacher_source.accuracy == 12.5
+        method = build_method(config, name, make_networks(config, *DIGITS, torch.device("cpu")))
+        assert method.teacher.source.path == str(path) and method.teacher.source.accuracy == 12.5
         with torch.no_grad():
             assert torch.equal(method.teacher(x), reference(x)), name
         assert not any(parameter.requires_grad for parameter in method.teacher.parameters())
@@ -202,3 +201,55 @@ def test_export_torchscript_runs_without_the_suite(tmp_path: Path) -> None:
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():
             assert torch.equal(scripted(x), model(x))
+
+
+def test_teacher_check_and_export_commands(prepared_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from reproduce.cli import main
+
+    path, _ = crd_file(tmp_path / "download_ckpts/cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth", "resnet56",
+                       *DIGITS)
+    options = ["--params", str(PROJECT / "params.yaml"), "--set", f"dataset.prepared_root={prepared_root}",
+               "--set", "models.teacher=resnet56", "--set", "runtime.threads=1"]
+    assert main(["teacher-check", *options, "--set", f"teacher.checkpoint={path}"]) == 1  # far from 72.34
+    out = capsys.readouterr().out
+    assert f"teacher resnet56 from {path} (crd layout" in out and "72.34 % published" in out and "warning:" in out
+    missing = str(tmp_path / "elsewhere/cifar_teachers/vgg13_vanilla/ckpt_epoch_240.pth")
+    assert main(["teacher-check", *options, "--set", f"teacher.checkpoint={missing}"]) == 2
+    assert "--set teacher.checkpoint=null trains the teacher first" in capsys.readouterr().err
+    run, model = finished_run(tmp_path, "wrn_16_2", 10, 3)
+    assert main(["export", str(run), "--format", "crd", "--out", str(tmp_path / "wrn.pth")]) == 0
+    assert "block1.layer.0.bn1.running_var" in torch.load(tmp_path / "wrn.pth", weights_only=True)["model"]
+    assert main(["export", str(run), "--format", "crd", "--network", "aux"]) == 2
+    assert "choose --network among student, teacher" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_teacher_check_from_the_command_line(prepared_root: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path, _ = crd_file(tmp_path / "teacher.pth", "resnet8", *DIGITS)
+    command = [sys.executable, "-m", "reproduce", "teacher-check", "--params", str(PROJECT / "params.yaml"),
+               "--set", f"dataset.prepared_root={prepared_root}", "--set", f"teacher.checkpoint={path}",
+               "--set", "models.teacher=resnet8", "--set", "runtime.threads=1"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT), "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not published, 12.50 % recorded in the checkpoint" in result.stdout
+
+
+def test_a_recipe_distils_from_its_released_teacher_or_trains_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    from reproduce.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no download_ckpts/ here
+    recipe = ["recipe", str(PROJECT / "configs" / "papers" / "dkd_cifar100.yaml"), "--params",
+              str(PROJECT / "params.yaml"), "--no-track"]
+    assert main(recipe) == 2
+    error = capsys.readouterr().err
+    assert "download_ckpts/cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth not found" in error
+    assert "--download" in error and "--set teacher.checkpoint=null trains the teacher first" in error
+    assert main([*recipe, "--dry-run"]) == 0
+    assert "methods: vanilla, kd, dkd" in capsys.readouterr().out  # no teacher to train
+    assert main([*recipe, "--dry-run", "--set", "teacher.checkpoint=null"]) == 0
+    assert "methods: teacher, vanilla, kd, dkd" in capsys.readouterr().out

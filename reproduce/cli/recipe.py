@@ -19,7 +19,8 @@ RECIPES = Path("configs/papers")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     params_options(parser)
     parser.add_argument("recipe", type=Path, help="e.g. configs/papers/switokd_cifar100.yaml")
-    parser.add_argument("--download", action="store_true", help="download the raw data where the network allows")
+    parser.add_argument("--download", action="store_true",
+                        help="download the raw data and the recipe's released teacher where the network allows")
     parser.add_argument("--dry-run", action="store_true", help="validate and list the runs without training")
     parser.add_argument("--no-track", action="store_true", help="local files only: no W&B, no MLflow")
 
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     methods = list(config.pipeline.methods)  # registered names, checked at load
     if not methods:
         raise ConfigError(f"{args.recipe}: pipeline.methods is empty; list the methods the recipe runs")
-    if any(get_method(name).kind.value == "offline" for name in methods) and "teacher" not in methods:
+    offline = any(get_method(name).kind.value == "offline" for name in methods)
+    if offline and "teacher" not in methods and not config.teacher.checkpoint:  # a released teacher needs no run
         methods.insert(0, "teacher")
     protocol = ("the papers' protocol: the whole training set, best epoch on test" if config.dataset.val_fraction == 0
                 else f"{config.dataset.val_fraction:.0%} of the training set held out, best epoch on validation")
@@ -55,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from reproduce.data.prepare import prepare
     from reproduce.train import RunSpec, train
+
+    if offline and config.teacher.checkpoint:  # fetched (--download) or a clear error before any data work
+        from reproduce.models.catalog import ensure_teacher
+
+        ensure_teacher(config.teacher.checkpoint, download=args.download)
 
     data = config.dataset
     manifest = data.prepared_dir / "manifest.json"
