@@ -36,7 +36,7 @@ from reproduce.models import upstream
 from reproduce.models.base import SplitNet
 from reproduce.models.catalog import TeacherNotFoundError, known_teacher, missing_teacher_message, \
     torchvision_published_top1
-from reproduce.models.registry import available, create
+from reproduce.models.registry import MODELS, available, create
 
 TORCHVISION = "torchvision:"
 SHOWN = 4  # differing keys named in an error; the rest are counted
@@ -72,7 +72,7 @@ class _Weights:
 
 def load_pretrained(arch: str, source: str | Path, num_classes: int, in_channels: int = 3) -> SplitNet:
     """``arch`` of the zoo with the weights of ``source``; ``model.source`` records where they came from."""
-    model = create(arch, num_classes, in_channels)
+    MODELS.get(arch)  # an unknown name fails first, with the choices
     spec = str(source)
     if spec.startswith(TORCHVISION):
         path, weights = _torchvision(spec[len(TORCHVISION):])
@@ -87,6 +87,7 @@ def load_pretrained(arch: str, source: str | Path, num_classes: int, in_channels
             weights.published = known.published
         elif weights.layout == "torchvision":
             weights.published = _torchvision_file_top1(arch, path)
+    model = create(arch, num_classes, in_channels)
     _load_state(model, arch, weights, path)
     with path.open("rb") as stream:
         digest = hashlib.file_digest(stream, "sha256").hexdigest()
@@ -125,8 +126,7 @@ def _interpret(saved: Any, path: Path, arch: str, role: str) -> _Weights:
     if role:
         raise PretrainedError(f"{path}#{role}: only the suite's final.pt / best.pt hold several networks; drop #{role}")
     if isinstance(saved, dict) and isinstance(saved.get("model"), dict):  # RepDistiller / CRD / mdistiller
-        recorded = saved.get("accuracy", saved.get("best_acc"))
-        state, accuracy = saved["model"], None if recorded is None else float(recorded)
+        state, accuracy = saved["model"], _number(saved.get("accuracy", saved.get("best_acc")))
     elif isinstance(saved, dict) and isinstance(saved.get("state_dict"), dict):
         state, accuracy = saved["state_dict"], None
     else:
@@ -144,6 +144,14 @@ def _interpret(saved: Any, path: Path, arch: str, role: str) -> _Weights:
         raise PretrainedError(f"{path}: the zoo knows no upstream key layout for {arch}; load the suite's own "
                               f"final.pt or a state_dict in the zoo's names")
     return _Weights(state, layout, accuracy)
+
+
+def _number(value: Any) -> float | None:
+    """A recorded accuracy as a float: RepDistiller saves a 0-d tensor, others a numpy or Python number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _suite_network(saved: dict[str, Any], path: Path, arch: str, role: str) -> _Weights:
