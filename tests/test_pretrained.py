@@ -13,6 +13,7 @@ import argparse
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -168,10 +169,12 @@ def random_state(shapes: Shapes, seed: int = 0) -> dict[str, Tensor]:
 
 
 def crd_checkpoint(path: Path, state: dict[str, Tensor], accuracy: object = None) -> Path:
-    """The file RepDistiller's train_teacher.py writes every save_freq epochs (ckpt_epoch_240.pth)."""
-    torch.save({"epoch": 240, "model": state, "accuracy": torch.tensor(79.42) if accuracy is None else accuracy,
-                "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "momentum": 0.9, "params": [0, 1]}]}},
-               path)
+    """The file RepDistiller's train_teacher.py writes every save_freq epochs (ckpt_epoch_240.pth): its model
+    trained with .cuda(), so every tensor, the accuracy included, is stored as a cuda:0 tensor."""
+    with mock.patch("torch.serialization.location_tag", lambda storage: "cuda:0"):
+        torch.save({"epoch": 240, "model": state, "accuracy": torch.tensor(79.42) if accuracy is None else accuracy,
+                    "optimizer": {"state": {}, "param_groups": [{"lr": 0.0005, "momentum": 0.9, "params": [0, 1]}]}},
+                   path)
     return path
 
 
@@ -342,7 +345,11 @@ def test_every_upstream_tensor_lands_where_the_official_forward_uses_it(
 
 def test_the_stem_and_a_shortcut_keep_their_batchnorm_statistics(tmp_path: Path) -> None:
     state = random_state(crd_resnet(8, [32, 64, 128, 256], CLASSES))
-    model = load_pretrained("resnet8x4", crd_checkpoint(tmp_path / "ckpt.pth", state), CLASSES)
+    path = crd_checkpoint(tmp_path / "ckpt.pth", state)
+    if not torch.cuda.is_available():  # the file really is a GPU one: only a load mapped to the CPU reads it here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    model = load_pretrained("resnet8x4", path, CLASSES)
     stem_bn, shortcut = model.trunk[0][1], model.trunk[2][0].shortcut
     assert torch.equal(stem_bn.running_mean, state["bn1.running_mean"])
     assert torch.equal(stem_bn.running_var, state["bn1.running_var"])
