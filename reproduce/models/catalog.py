@@ -89,7 +89,7 @@ def missing_teacher_message(path: str | Path) -> str:
     known = known_teacher(path)
     if known is not None and known.archive is not None:
         where = (f"it is {known.member} in {known.archive.url}: pass --download to the recipe command, or download "
-                 f"the archive and unpack it into {known.archive.extract_to}/")
+                 f"the archive and unpack it into {_archive_root(path, known)}/")
     elif known is not None:
         where = f"it is the official {known.arch} teacher: copy it to {known.path}"
     else:
@@ -123,7 +123,7 @@ def fetch_teacher(path: str | Path, progress: bool = True) -> Path:
         raise TeacherNotFoundError(f"{missing_teacher_message(path)} (no release archive is known for it, so "
                                    f"--download cannot fetch it)")
     archive = known.archive
-    root = Path(Path(path).as_posix()[: -len(known.member)] or ".")
+    root = _archive_root(path, known)
     root.mkdir(parents=True, exist_ok=True)
     downloaded = root / archive.name
     if not downloaded.is_file():
@@ -145,6 +145,11 @@ def fetch_teacher(path: str | Path, progress: bool = True) -> Path:
     load_pretrained(known.arch, path, num_classes=DATASET_CLASSES[known.dataset])
     print(f"{archive.name}: sha256 {digest}, {size:,} bytes, unpacked into {root}/; {known.arch} teacher at {path}")
     return Path(path)
+
+
+def _archive_root(path: str | Path, known: KnownTeacher) -> Path:
+    """The folder the archive unpacks into so that its member lands at ``path`` (download_ckpts/ by default)."""
+    return Path(Path(path).as_posix()[: -len(known.member)] or ".")
 
 
 def _unpack(downloaded: Path, target: Path, member: str) -> None:
