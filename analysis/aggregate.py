@@ -4,8 +4,10 @@ One record per (run label, seed, network). Its quantities are named ``<metric>_<
 of analysis/runs.py): ``top1_best`` (best epoch selected on validation), ``top1_best_test_selected``
 (selected on test, the paper protocol), ``top1_last``..., from metrics.json (test split; fractions for
 ece/mce/brier, as the engine writes them); ``adaptive_ece_<kind>`` from the run's predictions at its best
-epoch; and, with a validation split only, ``temperature``, ``temperature_at_bound`` (1 or 0) and
-``<metric>_ts`` (after temperature scaling).
+epoch, and ``mce_supported_<kind>`` (MCE over the bins with enough predictions, analysis/calibration.py);
+and, with a validation split only, ``temperature_applied`` (every fit), ``temperature`` (interior fits
+only: a fit at a bound is left out of the mean temperature), ``temperature_at_bound`` (1 or 0),
+``<metric>_ts`` (after temperature scaling) and ``mce_supported_ts``.
 
 Difference to the vanilla student: mean(method) − mean(vanilla) over seeds with a 95 % Welch t interval
 (unequal variances, Welch–Satterthwaite degrees of freedom): the seeds of the two methods are treated as
@@ -21,7 +23,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis import registry
-from analysis.calibration import NetworkCalibration
+from analysis.calibration import NetworkCalibration, supported_max_error
 from analysis.runs import RunSet
 
 KEYS = ["label", "seed", "network"]
@@ -91,10 +93,14 @@ def build_records(runset: RunSet, calibrations: list[NetworkCalibration]) -> pd.
         row = rows.setdefault((calibration.label, calibration.seed, calibration.network), {})
         row[f"adaptive_ece_{calibration.epoch_kind}"] = calibration.test["adaptive_ece"]
         row[f"diagram_ece_{calibration.epoch_kind}"] = calibration.test["ece"]
-        if calibration.temperature is not None and calibration.test_scaled is not None:
-            row["temperature"] = calibration.temperature
+        row[f"mce_supported_{calibration.epoch_kind}"] = supported_max_error(calibration.bins)
+        if calibration.temperature is not None and calibration.test_scaled is not None \
+                and calibration.bins_scaled is not None:
+            row["temperature_applied"] = calibration.temperature
+            row["temperature"] = math.nan if calibration.at_bound else calibration.temperature
             row["temperature_at_bound"] = float(calibration.at_bound)
             row.update({f"{metric}_ts": value for metric, value in calibration.test_scaled.items()})
+            row["mce_supported_ts"] = supported_max_error(calibration.bins_scaled)
     records = pd.DataFrame([{**dict(zip(KEYS, key)), **values} for key, values in rows.items()])
     return records if not records.empty else pd.DataFrame(columns=KEYS)
 

@@ -5,14 +5,22 @@ Temperature scaling needs a validation split: T is fitted on the validation logi
 (never on test) and applied to the test logits of the same epoch. Runs of the paper protocol
 (``selection: "test"``) have no validation split, so for them TS is not available (never fitted on test).
 
-Bounded temperature. T minimises the validation NLL of ``logits / T``. That NLL is convex in 1/T, so the
-minimum over T in [T_MIN, T_MAX] is the unconstrained minimum clamped into the range: the analysis
-clamps the fit of ``reproduce.metrics.fit_temperature``. The bounds: the temperatures reported for image
-classifiers are of order one (over-confident networks a few units, under-confident ones somewhat
-below 1); a factor of ten either way is far outside all of them. A fit at a bound means the validation
-NLL has no interior minimum rather than that the network is that miscalibrated: a validation split
-without errors drives T -> 0 (every sharpening lowers its NLL; unbounded this gave T = 0.023 and a
-ten-fold test NLL). Both cases, and a validation split without errors, become warnings in the report.
+Bounded temperature. T minimises the validation NLL of ``logits / T`` over [T_MIN, T_MAX]. That NLL is
+convex in β = 1/T, so ``reproduce.metrics.fit_temperature`` solves it exactly (Newton in β inside a
+bracket, to 1e-8): an interior optimum is the same on every CPU, and a fit whose NLL still falls at a bound
+returns that bound itself, so "at a bound" is an exact test, not a tolerance. The bounds: the temperatures
+reported for image classifiers are of order one (over-confident networks a few units, under-confident ones
+somewhat below 1); a factor of ten either way is far outside all of them. A fit at a bound means the
+validation NLL has no interior minimum in the range rather than that the network is that miscalibrated: a
+validation split without errors drives T -> 0 (every sharpening lowers its NLL; unbounded this gave
+T = 0.023 and a ten-fold test NLL). Such fits become warnings in the report and are left out of the mean
+temperature (tables, captions), which averages interior fits only; the TS columns still use them (the
+bounded optimum is what bounded temperature scaling applies).
+
+Sparse bins. A reliability bin holding a handful of the predictions has an accuracy of 0 or 1 from one
+error more or less; bins with fewer than MIN_BIN_COUNT predictions are drawn as outlines (analysis/figures.py)
+and left out of the MCE the report shows (``supported_max_error``), while ECE weights every bin by its
+share anyway.
 
 ECE convention (everywhere: tables, summary, figures). A method's ECE is the mean over seeds of each
 seed's ECE, in percent. The reliability diagrams draw the bins of the seeds' test predictions pooled
@@ -43,8 +51,7 @@ from reproduce.metrics import (
 # metrics.json and predictions.pt come from the same evaluation; a larger disagreement means a stale file.
 CONSISTENCY_TOLERANCE = 1e-4
 T_MIN, T_MAX = 0.1, 10.0
-# A fit this close (relatively) to a bound is reported as at the bound: LBFGS stops near it, not on it.
-BOUND_TOLERANCE = 1e-3
+MIN_BIN_COUNT = 10  # predictions a reliability bin needs to be drawn filled and to count for MCE
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,7 @@ class NetworkCalibration:
     bins: ReliabilityBins
     # Temperature scaling; None where it is not available (no validation split, or its fit failed).
     temperature: float | None = None
-    temperature_fit: float | None = None  # the unbounded fit, before clamping
-    at_bound: bool = False
+    at_bound: bool = False  # T is T_MIN or T_MAX: the validation NLL has no interior minimum in the range
     val_errors: int | None = None  # misclassified validation images at the best epoch
     test_scaled: dict[str, float] | None = None
     bins_scaled: ReliabilityBins | None = None
@@ -116,15 +122,17 @@ def _logits_ok(logits: Any, labels: torch.Tensor) -> bool:
         and bool(torch.isfinite(logits).all())
 
 
-def bounded_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, bool]:
-    """(T clamped into [T_MIN, T_MAX], the unbounded fit, whether T is at a bound). Clamping is the
-    bounded optimum because the NLL is convex in 1/T (module docstring)."""
-    fitted = fit_temperature(logits, labels)
-    if not math.isfinite(fitted):
-        raise ValueError(f"the temperature fit did not converge (T = {fitted})")
-    temperature = min(max(fitted, T_MIN), T_MAX)
-    at_bound = fitted <= T_MIN * (1 + BOUND_TOLERANCE) or fitted >= T_MAX * (1 - BOUND_TOLERANCE)
-    return temperature, fitted, at_bound
+def bounded_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, bool]:
+    """(T minimising the NLL over [T_MIN, T_MAX], whether it is a bound): the fit returns a bound exactly."""
+    temperature = fit_temperature(logits, labels, lowest=T_MIN, highest=T_MAX)
+    return temperature, temperature in (T_MIN, T_MAX)
+
+
+def supported_max_error(bins: ReliabilityBins, min_count: int = MIN_BIN_COUNT) -> float:
+    """MCE over the bins holding at least ``min_count`` predictions (NaN when none does): one error in a bin
+    of three predictions is a 33-point gap that says nothing about the network."""
+    supported = bins.counts >= min_count
+    return float(bins.gaps[supported].max()) if bool(supported.any()) else math.nan
 
 
 def _calibrate_network(run: Run, network: str, best: dict[str, Any], labels: dict[str, torch.Tensor], n_bins: int,
@@ -142,24 +150,24 @@ def _calibrate_network(run: Run, network: str, best: dict[str, Any], labels: dic
     val_logits, val_labels = best["val"][network].float(), labels["val"]
     val_errors = int((val_logits.argmax(dim=1) != val_labels).sum())
     try:
-        temperature, fitted, at_bound = bounded_temperature(val_logits, val_labels)
-    except ValueError as error:
+        temperature, at_bound = bounded_temperature(val_logits, val_labels)
+    except ArithmeticError as error:
         warnings.append(f"{run.path} {network}: {error}: no temperature scaling for this network")
         return result
     where = f"{run.path} {network}"
     if val_errors == 0:
-        # Every margin is positive, so the NLL falls strictly as T falls: the bounded optimum is T_MIN
-        # exactly, wherever LBFGS happened to stop.
-        temperature, at_bound = T_MIN, True
+        # Every margin is positive, so the NLL falls strictly as T falls: the fit returns T_MIN.
         warnings.append(f"{where}: the validation split has no errors at the best epoch, so its NLL has no "
-                        f"interior minimum (T -> 0; the fit stopped at {fitted:.3g}): T is the lower bound "
-                        f"{T_MIN:g} and the TS numbers are not a calibration")
+                        f"interior minimum (it falls as T -> 0): T is the lower bound {temperature:g}, the TS "
+                        f"numbers are not a calibration, and T is left out of the mean temperature")
     elif at_bound:
-        warnings.append(f"{where}: the temperature fit reached the bound (fit T = {fitted:.3g}, used "
-                        f"{temperature:g}; range [{T_MIN:g}, {T_MAX:g}]): read the TS numbers with care")
+        direction = "T -> 0" if temperature == T_MIN else "larger T"
+        warnings.append(f"{where}: the temperature fit reached the bound T = {temperature:g} (the validation NLL "
+                        f"still falls towards {direction}; range [{T_MIN:g}, {T_MAX:g}]): read the TS numbers with "
+                        f"care; T is left out of the mean temperature")
     scaled = temperature_scaled(test_logits, temperature)
     return NetworkCalibration(run.label, run.seed, network, run.best_kind, before, result.bins,
-                              temperature=temperature, temperature_fit=fitted, at_bound=at_bound,
+                              temperature=temperature, at_bound=at_bound,
                               val_errors=val_errors, test_scaled=calibration_metrics(scaled, test_labels, n_bins),
                               bins_scaled=reliability_bins(scaled, test_labels, n_bins))
 

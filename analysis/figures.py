@@ -1,4 +1,5 @@
-"""Figures at paper size: reliability diagrams, training curves, method signals and sweeps.
+"""Figures at paper size: reliability diagrams, training curves and method signals (the sweeps draw their
+own, with Optuna's matplotlib visualisations; the report embeds those).
 
 Every figure is built on a bare ``matplotlib.figure.Figure`` (no pyplot state to leak between figures),
 sized for a single column (3.3 in) or a two-column grid (6.9 in) with fonts of at least 7 pt, and
@@ -22,9 +23,9 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator  # noqa: E402
 
-from analysis.sweeps import DIRECTIONS, Sweep, running_best  # noqa: E402
+from analysis.calibration import MIN_BIN_COUNT  # noqa: E402
 from reproduce.metrics import ReliabilityBins  # noqa: E402
 
 SINGLE_COLUMN_IN = 3.3
@@ -66,22 +67,27 @@ def save_figure(figure: Figure, directory: Path, stem: str, dpi: int, pdf: bool 
 # Reliability diagrams
 
 
-def draw_reliability(axis: Axes, histogram: Axes, bins: ReliabilityBins, title: str, ece_text: str | None = None) -> None:
-    """Per-bin accuracy against confidence with the gap to the diagonal hatched, and below it the share
-    of samples per confidence bin with the mean confidence and the accuracy marked. ``ece_text``: the ECE
-    label (the analysis passes the mean over seeds, its one ECE convention); default: these bins' ECE."""
+def draw_reliability(axis: Axes, histogram: Axes, bins: ReliabilityBins, title: str, ece_text: str | None = None,
+                     min_count: int = MIN_BIN_COUNT) -> None:
+    """Per-bin accuracy against confidence with the gap to the diagonal hatched, and below it the number of
+    predictions per bin (log scale, each bin's count written above it) with the mean confidence and the
+    accuracy marked. A bin with fewer than ``min_count`` predictions is drawn as a dashed outline without
+    hatching: its accuracy rests on a handful of images and must not read as a full bar. ``ece_text``: the
+    ECE label (the analysis passes the mean over seeds, its one ECE convention); default: these bins' ECE."""
     edges = bins.edges.numpy()
     left, width = edges[:-1], np.diff(edges)
     counts = bins.counts.numpy()
-    filled = counts > 0
+    supported, sparse = counts >= min_count, (counts > 0) & (counts < min_count)
     accuracy = np.nan_to_num(bins.accuracy.numpy())
     confidence = np.nan_to_num(bins.confidence.numpy())
-    axis.bar(left[filled], accuracy[filled], width[filled], align="edge", color=ACCURACY_COLOR, alpha=0.85,
-             edgecolor="white", linewidth=0.4, label="Accuracy")
+    axis.bar(left[supported], accuracy[supported], width[supported], align="edge", color=ACCURACY_COLOR,
+             alpha=0.85, edgecolor="white", linewidth=0.4, label=f"Accuracy (≥ {min_count} predictions)")
     # An unfilled hatch stays readable over the accuracy bar (under-confident bins) and over white alike.
-    axis.bar(left[filled], np.abs(confidence - accuracy)[filled], width[filled],
-             bottom=np.minimum(confidence, accuracy)[filled], align="edge", facecolor="none", hatch="////",
+    axis.bar(left[supported], np.abs(confidence - accuracy)[supported], width[supported],
+             bottom=np.minimum(confidence, accuracy)[supported], align="edge", facecolor="none", hatch="////",
              edgecolor=GAP_COLOR, linewidth=0.6, label="Gap to confidence")
+    axis.bar(left[sparse], accuracy[sparse], width[sparse], align="edge", facecolor="none", edgecolor="0.45",
+             linestyle=(0, (2, 1.5)), linewidth=0.7, label=f"Accuracy (< {min_count} predictions)")
     axis.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=0.8, label="Perfect calibration")
     axis.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy", title=title)
     axis.tick_params(labelbottom=False)
@@ -90,14 +96,25 @@ def draw_reliability(axis: Axes, histogram: Axes, bins: ReliabilityBins, title: 
               fontsize=7, bbox={"boxstyle": "round,pad=0.25", "facecolor": "white", "edgecolor": "0.7",
                                 "linewidth": 0.5})
 
+    filled = counts > 0
+    histogram.bar(left[filled], counts[filled], width[filled], align="edge", color=np.where(supported, "0.45", "0.8")[filled],
+                  edgecolor="white", linewidth=0.4, label="Predictions per bin")
+    histogram.set_yscale("log")
+    # The tallest bar takes the lower half of the (log) axis: its count, written upwards, the upper half.
+    bottom, tallest = 0.7, max(float(counts.max(initial=1)), min_count)
+    histogram.set_ylim(bottom, bottom * (tallest / bottom) ** 2)
+    for x, count in zip(left[filled] + width[filled] / 2, counts[filled]):
+        histogram.text(x, count * 1.3, f"{int(count)}", rotation=90, ha="center", va="bottom", fontsize=MIN_FONT_PT,
+                       color="0.15", bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.2})
+    histogram.axhline(min_count, color="0.3", linestyle=":", linewidth=0.6)
     total = max(counts.sum(), 1)
-    histogram.bar(left, counts / total, width, align="edge", color="0.55", edgecolor="white", linewidth=0.4,
-                  label="Share of samples")
     histogram.axvline(float((confidence * counts).sum() / total), color=GAP_COLOR, linewidth=1.0,
                       label="Mean confidence")
     histogram.axvline(float((accuracy * counts).sum() / total), color=ACCURACY_COLOR, linestyle="--",
                       linewidth=1.0, label="Overall accuracy")
-    histogram.set(xlim=(0, 1), xlabel="Confidence", ylabel="Share")
+    histogram.set(xlim=(0, 1), xlabel="Confidence", ylabel="Predictions")
+    histogram.yaxis.set_major_locator(LogLocator(numticks=3))
+    histogram.yaxis.set_minor_locator(NullLocator())
 
 
 def _shared_legend(figure: Figure, axis: Axes, histogram: Axes, columns: int) -> None:
@@ -113,8 +130,8 @@ def _shared_legend(figure: Figure, axis: Axes, histogram: Axes, columns: int) ->
 def reliability_figure(bins: ReliabilityBins, title: str, ece_text: str | None = None) -> Figure:
     """One network: single-column size."""
     with paper_style():
-        figure = Figure(figsize=(SINGLE_COLUMN_IN, 3.9), layout="constrained")
-        axis, histogram = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+        figure = Figure(figsize=(SINGLE_COLUMN_IN, 4.2), layout="constrained")
+        axis, histogram = figure.subplots(2, 1, height_ratios=[3, 1.4], sharex=True)
         draw_reliability(axis, histogram, bins, title, ece_text)
         _shared_legend(figure, axis, histogram, columns=2)
     return figure
@@ -127,8 +144,8 @@ def reliability_grid(panels: list[tuple[str, ReliabilityBins]] | list[tuple[str,
     columns = min(columns, len(panels))
     rows = -(-len(panels) // columns)
     with paper_style():
-        figure = Figure(figsize=(DOUBLE_COLUMN_IN, 2.45 * rows + 0.6), layout="constrained")
-        grid = figure.add_gridspec(2 * rows, columns, height_ratios=[3, 1] * rows)
+        figure = Figure(figsize=(DOUBLE_COLUMN_IN, 2.75 * rows + 0.6), layout="constrained")
+        grid = figure.add_gridspec(2 * rows, columns, height_ratios=[3, 1.5] * rows)
         for index, (panel_title, bins, *ece_text) in enumerate(panels):
             row, column = divmod(index, columns)
             axis = figure.add_subplot(grid[2 * row, column])
@@ -237,51 +254,3 @@ def signals_figure(histories: dict[int, pd.DataFrame], title: str) -> Figure | N
         for axis in axes[len(names):]:
             axis.set_visible(False)
     return figure
-
-
-# ----------------------------------------------------------------------------------------------
-# Sweeps
-
-
-def sweep_figure(sweep: Sweep, title: str) -> Figure | None:
-    """Per objective: its value per trial with the best so far, and the parameters' importance for it."""
-    objectives = sweep.objectives or list(sweep.importance)
-    if not objectives:
-        return None
-    complete, pruned = sweep.trials_in("COMPLETE"), sweep.trials_in("PRUNED")
-    columns = int(bool(sweep.objectives)) + int(bool(sweep.importance))
-    with paper_style():
-        figure = Figure(figsize=(DOUBLE_COLUMN_IN if columns > 1 else SINGLE_COLUMN_IN, 2.2 * len(objectives) + 0.3),
-                        layout="constrained")
-        figure.suptitle(title)
-        axes = figure.subplots(len(objectives), columns, squeeze=False)
-        for row, objective in enumerate(objectives):
-            panels = list(axes[row])
-            if sweep.objectives:
-                _draw_trials(panels.pop(0), complete, pruned, objective)
-            if sweep.importance:
-                _draw_importance(panels.pop(0), sweep.importance.get(objective, {}), objective)
-    return figure
-
-
-def _draw_trials(axis: Axes, complete: pd.DataFrame, pruned: pd.DataFrame, objective: str) -> None:
-    direction = DIRECTIONS[objective]
-    if not complete.empty:
-        axis.scatter(complete["number"], complete[objective], s=10, color=ACCURACY_COLOR, label="complete", zorder=3)
-        axis.step(complete["number"], running_best(complete[objective], direction), where="post", color=GAP_COLOR,
-                  label=f"best so far ({direction})")
-    if not pruned.empty and pruned[objective].notna().any():
-        axis.scatter(pruned["number"], pruned[objective], s=12, marker="x", color="0.5", label="pruned (last report)")
-    axis.set(xlabel="trial", ylabel=objective, title=f"{objective} per trial")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if axis.has_data():
-        axis.legend(loc="best")
-
-
-def _draw_importance(axis: Axes, importance: dict[str, float], objective: str) -> None:
-    axis.set(title=f"Importance for {objective}", xlabel="importance (fANOVA)")
-    if not importance:
-        axis.text(0.5, 0.5, "not computed (see notes)", ha="center", va="center", transform=axis.transAxes)
-        return
-    ranked = sorted(importance.items(), key=lambda item: item[1])
-    axis.barh([name for name, _ in ranked], [value for _, value in ranked], color=ACCURACY_COLOR)

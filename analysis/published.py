@@ -21,8 +21,9 @@ import yaml
 
 from analysis.aggregate import Aggregate, Stat
 from analysis.runs import EPOCH_LABELS, AnalysisError, Setup
-from analysis.settings import AnalysisSettings
+from analysis.registry import display_name, ordered
 from analysis.tables import Cell, Table, format_stat
+from reproduce.config import AnalysisConfig
 
 NO_RUN = "no run"
 NOT_PUBLISHED = "not published"
@@ -94,6 +95,12 @@ class Published:
     not_published: dict[str, Unpublished]  # run label -> why there is no number
 
 
+def published_path(settings: AnalysisConfig, params_path: Path) -> Path:
+    """``analysis.published_results``; a relative path is read from the folder of params.yaml (the project root)."""
+    path = Path(settings.published_results)
+    return path if path.is_absolute() else params_path.resolve().parent / path
+
+
 def load_published(path: Path) -> Published:
     if not path.exists():
         raise AnalysisError(f"published results file {path} not found (analysis.published_results in params.yaml)")
@@ -144,7 +151,7 @@ def our_convention(kind: str, stat: Stat | None) -> str:
 
 
 def paper_vs_reproduced(published: Published, aggregate: Aggregate, setup: Setup, selection: str,
-                        labels: list[str], settings: AnalysisSettings) -> PaperComparison:
+                        labels: list[str], settings: AnalysisConfig) -> PaperComparison:
     """``selection``: our runs' ("val" or "test"); it decides which published conventions we can meet."""
     rows: list[list[Cell]] = []
     numeric: list[dict[str, Any]] = []
@@ -154,7 +161,7 @@ def paper_vs_reproduced(published: Published, aggregate: Aggregate, setup: Setup
             kind: str | None, reproduced: Stat | None, ours_cell: str, difference: float | None, note: str,
             status: str, result: PublishedResult | None = None) -> None:
         convention = our_convention(kind, reproduced) if kind else EPOCH_LABELS[best_kind]
-        rows.append([Cell(settings.display_name(label)), Cell(network), Cell(dataset), Cell(pair),
+        rows.append([Cell(display_name(label, settings)), Cell(network), Cell(dataset), Cell(pair),
                      Cell(published_convention), Cell(published_cell), Cell(convention), Cell(ours_cell),
                      Cell(f"{difference:+.2f}" if difference is not None else "—"), Cell(note)])
         numeric.append({"label": label, "network": network, "dataset": dataset, "pair": pair,
@@ -205,7 +212,7 @@ def paper_vs_reproduced(published: Published, aggregate: Aggregate, setup: Setup
                 add(label, network, setup.dataset, setup.pair, "—", no_number, best_kind, ours, ours_text(ours),
                     None, "", no_number)
 
-    for label in settings.ordered(list(published.not_published)):
+    for label in ordered(list(published.not_published), settings):
         reason = published.not_published[label]
         networks = _networks(aggregate, label) if label in labels else ["student"]
         for network in networks:
@@ -244,12 +251,12 @@ def _ours(aggregate: Aggregate, label: str, network: str, quantity: str) -> Stat
     return aggregate.stat(label, network, quantity) if network in aggregate.networks(label) else None
 
 
-def _reference_table(published: Published, labels: list[str], settings: AnalysisSettings) -> Table:
+def _reference_table(published: Published, labels: list[str], settings: AnalysisConfig) -> Table:
     rows, numeric = [], []
     for label in labels:
         for result in published.results:
             if result.run == label and result.dataset == settings.reference_dataset:
-                rows.append([Cell(settings.display_name(label)), Cell(result.network), Cell(result.pair),
+                rows.append([Cell(display_name(label, settings)), Cell(result.network), Cell(result.pair),
                              Cell(result.source.convention.description), Cell(result.published_text()),
                              Cell(result.source.citation)])
                 numeric.append({"label": label, "network": result.network, "dataset": result.dataset,

@@ -25,6 +25,8 @@ from typing import Any
 
 import pandas as pd
 
+from reproduce.errors import UserError
+
 EPOCH_KINDS = ("best", "best_test_selected", "last")
 BEST_KIND = {"val": "best", "test": "best_test_selected"}  # selection -> metrics.json key of its best epoch
 EPOCH_LABELS = {"best": "best epoch, selected on validation",
@@ -36,7 +38,7 @@ PROTOCOLS = {"val": "validation split held out of the training set; best epoch s
                      "test top-1"}
 
 
-class AnalysisError(Exception):
+class AnalysisError(UserError):
     """Input that makes the whole analysis impossible; the message says what to do."""
 
 

@@ -1,8 +1,11 @@
-"""Reading the Optuna sweeps' outputs as sweeps/report.py writes them, ``sweeps/results/<method>/``:
-``trials.csv`` (number, state, one column per objective, params_*), ``best_params.yaml`` and
-``importance.json`` ({"importances": {objective: {param: importance}}, "notes": {objective: why none}}).
+"""Reading the Optuna sweeps' results as the sweeps write them, ``sweep-results/<method>/`` (sweeps/__init__.py
+documents the files): ``summary.json`` (format 1: the budget, the trial counts, whether it is a smoke test,
+the best trial, the parameter importance or null and why), ``best_params.yaml`` and ``figures/*.png``, the
+figures the sweeps draw with Optuna's own matplotlib visualisations. The report embeds those figures; it
+draws nothing of a sweep itself.
 
-Every file is optional; what is missing or unreadable becomes a note, never a number.
+Files only: the analysis never imports the sweeps package. Every file is optional; what is missing or
+unreadable becomes a note, never a number.
 """
 
 from __future__ import annotations
@@ -10,32 +13,52 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import pandas as pd
-
-from sweeps.settings import objectives
-
-# The objectives a study can have and their directions, from the sweeps' own definition.
-DIRECTIONS = {objective.name: objective.direction for objective in objectives(multi_objective=True)}
+SUMMARY_FORMAT = 1  # the summary.json format this reader knows
+# What a pipeline stage leaves in sweep-results/<method>/ of a method with no search space (DVC needs the
+# stage's declared output to exist): not a sweep.
+NOT_SWEPT = "not_swept.txt"
+IMPORTANCE_STEM = "param_importances"  # the figure of the parameter importances
 
 
 @dataclass
 class Sweep:
     method: str
     path: Path
-    trials: pd.DataFrame | None = None
-    best_params: str | None = None  # best_params.yaml as written: its header names the trial and its scores
-    importance: dict[str, dict[str, float]] = field(default_factory=dict)  # objective -> parameter -> importance
+    summary: dict[str, Any] = field(default_factory=dict)  # empty when summary.json is missing or unreadable
+    best_params: str | None = None  # best_params.yaml as written: its header names the trial, scores and budget
+    figures: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
-    def objectives(self) -> list[str]:
-        return [name for name in DIRECTIONS if self.trials is not None and name in self.trials.columns]
+    def budget(self) -> str:
+        """The budget in words, the study's own: every sweep result is shown with it."""
+        budget = self.summary.get("budget")
+        text = budget.get("text") if isinstance(budget, dict) else None
+        return str(text) if text else "unknown (no summary.json with a budget)"
 
-    def trials_in(self, state: str) -> pd.DataFrame:
-        if self.trials is None:
-            return pd.DataFrame()
-        return self.trials[self.trials["state"] == state].sort_values("number")
+    @property
+    def smoke(self) -> bool:
+        """Fewer complete trials than the study needs to mean anything (or no summary to say otherwise)."""
+        return bool(self.summary.get("smoke", True))
+
+    @property
+    def counts(self) -> str:
+        counts = self.summary.get("counts") or {}
+        return ", ".join(f"{number} {state}" for state, number in counts.items() if number) or "none"
+
+    @property
+    def importance_shown(self) -> bool:
+        return bool(self.summary.get("importance"))
+
+    @property
+    def importance_note(self) -> str:
+        return str(self.summary.get("importance_note") or "summary.json gives none")
+
+    def shown_figures(self) -> list[Path]:
+        """The sweeps' PNGs, without an importance figure when the summary holds no importance."""
+        return [path for path in self.figures if self.importance_shown or path.stem != IMPORTANCE_STEM]
 
 
 def load_sweeps(root: Path) -> list[Sweep]:
@@ -45,51 +68,26 @@ def load_sweeps(root: Path) -> list[Sweep]:
     return [_load_sweep(path) for path in sorted(root.iterdir()) if path.is_dir() and not (path / NOT_SWEPT).exists()]
 
 
-# What a pipeline stage leaves in sweeps/results/<method>/ of a method with no search space (DVC
-# needs the stage's declared output to exist): not a sweep.
-NOT_SWEPT = "not_swept.txt"
-
-
 def _load_sweep(path: Path) -> Sweep:
     sweep = Sweep(path.name, path)
-    _read_trials(sweep, path / "trials.csv")
+    summary_path = path / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+        if not isinstance(summary, dict) or summary.get("format") != SUMMARY_FORMAT:
+            raise ValueError(f"not a summary of format {SUMMARY_FORMAT}")
+        sweep.summary = summary
+    except FileNotFoundError:
+        sweep.notes.append(f"{summary_path} missing: the sweep has not finished (no budget, counts or best trial)")
+    except (OSError, ValueError) as error:
+        sweep.notes.append(f"{summary_path} is unreadable ({type(error).__name__}: {error})")
+    if sweep.summary.get("kept"):
+        sweep.notes.append(str(sweep.summary["kept"]))
+    listed = (sweep.summary.get("files") or {}).get("figures")
+    candidates = [path / name for name in listed] if isinstance(listed, list) else sorted(path.glob("figures/*.png"))
+    sweep.figures = [figure for figure in candidates if figure.suffix == ".png" and figure.is_file()]
     best = path / "best_params.yaml"
     if best.exists():
         sweep.best_params = best.read_text()
     else:
         sweep.notes.append(f"{best} missing: no complete trial, or the sweep has not finished")
-    _read_importance(sweep, path / "importance.json")
     return sweep
-
-
-def _read_trials(sweep: Sweep, path: Path) -> None:
-    if not path.exists():
-        sweep.notes.append(f"{path} missing: no trial history")
-        return
-    try:
-        trials = pd.read_csv(path)
-    except (OSError, ValueError) as error:
-        sweep.notes.append(f"{path} is unreadable ({error})")
-        return
-    if not {"number", "state"} <= set(trials.columns) or not any(name in trials.columns for name in DIRECTIONS):
-        sweep.notes.append(f"{path} lacks the number/state columns or an objective column "
-                           f"({', '.join(DIRECTIONS)}): the trial history is not plotted")
-        return
-    sweep.trials = trials
-
-
-def _read_importance(sweep: Sweep, path: Path) -> None:
-    if not path.exists():
-        sweep.notes.append(f"{path} missing: no parameter importance")
-        return
-    try:
-        raw = json.loads(path.read_text())
-        sweep.importance = {str(objective): {str(name): float(value) for name, value in values.items()}
-                            for objective, values in raw["importances"].items()}
-        sweep.notes += [f"no importance for {objective}: {why}" for objective, why in raw.get("notes", {}).items()]
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
-        sweep.notes.append(f"{path} is unreadable ({type(error).__name__}: {error})")
-
-
-def running_best(values: pd.Series, direction: str) -> pd.Series:
-    return values.cummax() if direction == "maximize" else values.cummin()

@@ -1,5 +1,6 @@
-"""Tables: one model (header, rows of cells, bold flags) rendered as Markdown, LaTeX (booktabs) and HTML,
-plus the numeric CSV beside each. Builders for the method comparison and the calibration table.
+"""Tables: one model (header, rows of cells, bold flags) rendered as Markdown and LaTeX (booktabs) here, as
+HTML by the page template (in column groups), plus the numeric CSV beside each. Builders for the method
+comparison and the calibration table.
 
 Every column names its epoch kind (analysis/runs.py: best selected on validation, best selected on test,
 last); ECE, MCE and adaptive ECE are in percent everywhere ("ECE (%)"), the mean over seeds of each seed's
@@ -8,19 +9,18 @@ row's network: it is shown there once, never per method and never bold."""
 
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from analysis.aggregate import CONFIDENCE, Aggregate, Difference, Stat
-from analysis.calibration import T_MAX, T_MIN
+from analysis.calibration import MIN_BIN_COUNT, T_MAX, T_MIN
+from analysis.registry import display_name
 from analysis.runs import EPOCH_LABELS, EPOCH_SHORT
-from analysis.settings import AnalysisSettings
+from reproduce.config import AnalysisConfig
 from reproduce.metrics import DEFAULT_BINS
 
-WRAP_AFTER_CHARACTERS = 40  # HTML cells longer than this (notes, citations) may wrap; numbers never do
 NOT_APPLICABLE = "—"  # the row has no such network (a vanilla student has no teacher)
 MISSING = "missing"  # the network exists but this number could not be computed (see the notes)
 FROZEN = "frozen (Teacher row)"  # an offline method's pre-trained teacher: the teacher row's network
@@ -49,6 +49,8 @@ class Table:
     rows: list[list[Cell]] = field(default_factory=list)
     numeric: pd.DataFrame | None = None  # the CSV: machine-readable numbers behind the cells
     align: str = ""  # one letter per column, l or r; default: text first column, numbers after
+    # Per column, the group it is shown in on the HTML page; "" = a key column, repeated in every group.
+    groups: list[str] = field(default_factory=list)
 
     def alignment(self) -> str:
         return self.align or "l" + "r" * (len(self.columns) - 1)
@@ -77,18 +79,28 @@ class Table:
             line([latex_escape(column) for column in self.columns]), r"\midrule", *body,
             r"\bottomrule", r"\end{tabular}", r"\end{table}"]) + "\n"
 
-    def to_html(self) -> str:
+    def html_parts(self) -> list[TablePart]:
+        """The table as the page shows it: one part per column group, each repeating the key columns (those of
+        group ""), so that a wide table reads without horizontal scrolling; the whole table when it has no
+        groups. Markdown, LaTeX and CSV keep every column in one table."""
         sides = self.alignment()
-        head = "".join(f'<th class="{side}">{html.escape(column)}</th>' for side, column in zip(sides, self.columns))
+        groups = self.groups or [""] * len(self.columns)
+        named = list(dict.fromkeys(group for group in groups if group)) or [""]
+        parts = []
+        for name in named:
+            chosen = [index for index, group in enumerate(groups) if group in ("", name)]
+            parts.append(TablePart(name, [(self.columns[index], sides[index]) for index in chosen],
+                                   [[(row[index], sides[index]) for index in chosen] for row in self.rows]))
+        return parts
 
-        def cell(c: Cell, side: str) -> str:
-            classes = side + (" wrap" if len(c.text) > WRAP_AFTER_CHARACTERS else "")
-            text = f"<strong>{html.escape(c.text)}</strong>" if c.bold else html.escape(c.text)
-            return f'<td class="{classes}">{text}</td>'
 
-        body = "".join("<tr>" + "".join(cell(c, side) for c, side in zip(row, sides)) + "</tr>" for row in self.rows)
-        return (f"<table><caption>{html.escape(self.caption)}</caption><thead><tr>{head}</tr></thead>"
-                f"<tbody>{body}</tbody></table>")
+@dataclass(frozen=True)
+class TablePart:
+    """A group of a table's columns as one HTML table (analysis/templates/report.html.j2 draws it)."""
+
+    title: str
+    columns: list[tuple[str, str]]  # header, alignment (l or r)
+    rows: list[list[tuple[Cell, str]]]
 
 
 def latex_escape(text: str) -> str:
@@ -118,6 +130,7 @@ class Measure:
     scale: float = 1.0  # 100 shows a fraction as a percentage
     digits: int = 2
     needs_validation: bool = False  # temperature scaling: "n/a" without a validation split
+    group: str = ""  # the HTML part it is shown in (Table.groups)
 
     @property
     def key(self) -> str:
@@ -141,26 +154,32 @@ class DeltaColumn:
     header: str
     quantity: str
     network: str = "student"
+    group: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.network}_{self.quantity}_vs_{VANILLA}"
 
 
+ACCURACY, STUDENT_CALIBRATION = "Accuracy", "Student calibration"
+
+
 def comparison_columns(best_kind: str) -> list[Column | DeltaColumn]:
     best = EPOCH_SHORT[best_kind]
+    accuracy, calibration = {"group": ACCURACY}, {"group": STUDENT_CALIBRATION, "network": "student", "better": "min"}
     return [
-        Column(header=f"Teacher top-1, {best}", network="teacher", quantity=f"top1_{best_kind}", better="max"),
-        Column(header="Teacher top-1, last", network="teacher", quantity="top1_last", better="max"),
-        Column(header=f"Student top-1, {best}", network="student", quantity=f"top1_{best_kind}", better="max"),
-        Column(header="Student top-1, last", network="student", quantity="top1_last", better="max"),
+        Column(header=f"Teacher top-1, {best}", network="teacher", quantity=f"top1_{best_kind}", better="max",
+               **accuracy),
+        Column(header="Teacher top-1, last", network="teacher", quantity="top1_last", better="max", **accuracy),
+        Column(header=f"Student top-1, {best}", network="student", quantity=f"top1_{best_kind}", better="max",
+               **accuracy),
+        Column(header="Student top-1, last", network="student", quantity="top1_last", better="max", **accuracy),
         DeltaColumn(header=f"Δ student top-1 vs vanilla, {best} (pp, {CONFIDENCE:.0%} CI)",
-                    quantity=f"top1_{best_kind}"),
-        Column(header="Student ECE (%)", network="student", quantity=f"ece_{best_kind}", better="min", scale=100),
-        Column(header="Student ECE (%) after TS", network="student", quantity="ece_ts", better="min", scale=100,
-               needs_validation=True),
-        Column(header="Student NLL", network="student", quantity=f"nll_{best_kind}", better="min", digits=3),
-        Column(header="Student Brier", network="student", quantity=f"brier_{best_kind}", better="min", digits=3),
+                    quantity=f"top1_{best_kind}", **accuracy),
+        Column(header="Student ECE (%)", quantity=f"ece_{best_kind}", scale=100, **calibration),
+        Column(header="Student ECE (%) after TS", quantity="ece_ts", scale=100, needs_validation=True, **calibration),
+        Column(header="Student NLL", quantity=f"nll_{best_kind}", digits=3, **calibration),
+        Column(header="Student Brier", quantity=f"brier_{best_kind}", digits=3, **calibration),
     ]
 
 
@@ -196,7 +215,7 @@ def _cell_state(aggregate: Aggregate, label: str, column: Measure, network: str,
     return "value"
 
 
-def comparison_table(aggregate: Aggregate, labels: list[str], settings: AnalysisSettings, best_kind: str,
+def comparison_table(aggregate: Aggregate, labels: list[str], settings: AnalysisConfig, best_kind: str,
                      has_validation: bool) -> Table:
     columns = comparison_columns(best_kind)
     seeds = {label: len(aggregate.seeds(label)) for label in labels}
@@ -209,8 +228,8 @@ def comparison_table(aggregate: Aggregate, labels: list[str], settings: Analysis
 
     rows, numeric = [], []
     for label in labels:
-        cells = [Cell(settings.display_name(label))]
-        values: dict[str, object] = {"label": label, "method": settings.display_name(label), "seeds": seeds[label],
+        cells = [Cell(display_name(label, settings))]
+        values: dict[str, object] = {"label": label, "method": display_name(label, settings), "seeds": seeds[label],
                                      "best_epoch_kind": best_kind}
         for column in columns:
             if isinstance(column, DeltaColumn):
@@ -234,7 +253,8 @@ def comparison_table(aggregate: Aggregate, labels: list[str], settings: Analysis
         rows.append(cells)
         numeric.append(values)
     return Table("comparison", "Methods compared", comparison_caption(best_kind, has_validation),
-                 ["Method", *(column.header for column in columns), "Seeds"], rows, pd.DataFrame(numeric))
+                 ["Method", *(column.header for column in columns), "Seeds"], rows, pd.DataFrame(numeric),
+                 groups=["", *(column.group for column in columns), ""])
 
 
 def _delta_cell(aggregate: Aggregate, label: str, column: DeltaColumn, labels: list[str]
@@ -266,34 +286,51 @@ def _scaled_std(stat: Stat | None, scale: float) -> float | None:
 # Calibration of every network, before and after temperature scaling
 
 
+BINNED, SCORES = "ECE, aECE and MCE", "Top-1, temperature, NLL and Brier"
+
+
 def calibration_measures(best_kind: str) -> list[Measure]:
+    binned, scores = {"group": BINNED}, {"group": SCORES}
     return [
-        Measure(header=f"Top-1, {EPOCH_SHORT[best_kind]}", quantity=f"top1_{best_kind}"),
-        Measure(header="T", quantity="temperature", needs_validation=True),
-        Measure(header="ECE (%)", quantity=f"ece_{best_kind}", scale=100),
-        Measure(header="ECE (%) TS", quantity="ece_ts", scale=100, needs_validation=True),
-        Measure(header="aECE (%)", quantity=f"adaptive_ece_{best_kind}", scale=100),
-        Measure(header="aECE (%) TS", quantity="adaptive_ece_ts", scale=100, needs_validation=True),
-        Measure(header="MCE (%)", quantity=f"mce_{best_kind}", scale=100),
-        Measure(header="MCE (%) TS", quantity="mce_ts", scale=100, needs_validation=True),
-        Measure(header="NLL", quantity=f"nll_{best_kind}", digits=3),
-        Measure(header="NLL TS", quantity="nll_ts", digits=3, needs_validation=True),
-        Measure(header="Brier", quantity=f"brier_{best_kind}", digits=3),
-        Measure(header="Brier TS", quantity="brier_ts", digits=3, needs_validation=True),
+        Measure(header=f"Top-1, {EPOCH_SHORT[best_kind]}", quantity=f"top1_{best_kind}", **scores),
+        Measure(header="T", quantity="temperature", needs_validation=True, **scores),
+        Measure(header="ECE (%)", quantity=f"ece_{best_kind}", scale=100, **binned),
+        Measure(header="ECE (%) TS", quantity="ece_ts", scale=100, needs_validation=True, **binned),
+        Measure(header="aECE (%)", quantity=f"adaptive_ece_{best_kind}", scale=100, **binned),
+        Measure(header="aECE (%) TS", quantity="adaptive_ece_ts", scale=100, needs_validation=True, **binned),
+        Measure(header=f"MCE (%), bins ≥ {MIN_BIN_COUNT}", quantity=f"mce_supported_{best_kind}", scale=100, **binned),
+        Measure(header=f"MCE (%), bins ≥ {MIN_BIN_COUNT}, TS", quantity="mce_supported_ts", scale=100,
+                needs_validation=True, **binned),
+        Measure(header="NLL", quantity=f"nll_{best_kind}", digits=3, **scores),
+        Measure(header="NLL TS", quantity="nll_ts", digits=3, needs_validation=True, **scores),
+        Measure(header="Brier", quantity=f"brier_{best_kind}", digits=3, **scores),
+        Measure(header="Brier TS", quantity="brier_ts", digits=3, needs_validation=True, **scores),
     ]
 
 
 def calibration_caption(best_kind: str, has_validation: bool, n_bins: int) -> str:
     return (f"Every evaluated network, test set at the {EPOCH_LABELS[best_kind]}, mean ± sample std over seeds "
-            f"(each seed's value, then the mean). ECE/MCE (%): {DEFAULT_BINS} equal-width bins (lo, hi] on the "
-            f"top-label confidence (metrics.json); aECE (%): {n_bins} equal-mass bins. {ts_statement(has_validation)} "
-            f"T > 1 softens an over-confident network; \"at bound\": the fit reached the bound in that many seeds "
-            f"(see the warnings). TS columns: the test numbers after dividing the logits by T; accuracy is "
-            f"unchanged by TS. An offline method's frozen teacher is the Teacher (vanilla) row's network and is "
-            f"listed there only.")
+            f"(each seed's value, then the mean). ECE (%): {DEFAULT_BINS} equal-width bins (lo, hi] on the "
+            f"top-label confidence (metrics.json); aECE (%): {n_bins} equal-mass bins. MCE (%): the largest gap "
+            f"over the {n_bins} equal-width bins holding at least {MIN_BIN_COUNT} test predictions (a near-empty bin "
+            f"has a gap of tens of points from a single error, so an MCE over every non-empty bin says little); "
+            f"missing when no bin holds that many. {ts_statement(has_validation)} T > 1 softens an over-confident "
+            f"network; T is the mean of the fits inside the bounds: a fit at a bound is counted (\"k of n at a "
+            f"bound, excluded\") and left out of it (see the warnings), while its TS columns use the bound. TS "
+            f"columns: the test numbers after dividing the logits by T; accuracy is unchanged by TS. An offline "
+            f"method's frozen teacher is the Teacher (vanilla) row's network and is listed there only.")
 
 
-def calibration_table(aggregate: Aggregate, labels: list[str], settings: AnalysisSettings, best_kind: str,
+def temperature_text(stat: Stat | None, at_bound: list[float], row_seeds: int) -> str:
+    """The mean of the interior fits; a fit at a bound is counted, never averaged (analysis/calibration.py)."""
+    excluded = int(sum(at_bound))
+    if not excluded:
+        return format_stat(stat, 2, row_seeds=row_seeds)
+    shown = format_stat(stat, 2) if stat is not None else "no interior fit"
+    return f"{shown} ({excluded} of {len(at_bound)} at a bound, excluded)"
+
+
+def calibration_table(aggregate: Aggregate, labels: list[str], settings: AnalysisConfig, best_kind: str,
                       has_validation: bool) -> Table:
     measures = calibration_measures(best_kind)
     rows, numeric = [], []
@@ -302,17 +339,16 @@ def calibration_table(aggregate: Aggregate, labels: list[str], settings: Analysi
         for network in aggregate.networks(label):
             if aggregate.is_frozen_teacher(label, network):
                 continue
-            cells = [Cell(settings.display_name(label)), Cell(network)]
-            values: dict[str, object] = {"label": label, "method": settings.display_name(label),
+            cells = [Cell(display_name(label, settings)), Cell(network)]
+            values: dict[str, object] = {"label": label, "method": display_name(label, settings),
                                          "network": network, "seeds": seeds, "best_epoch_kind": best_kind}
             for measure in measures:
                 available = has_validation or not measure.needs_validation
                 stat = aggregate.stat(label, network, measure.quantity) if available else None
                 text = format_stat(stat, measure.digits, measure.scale, seeds) if available else NO_TS
-                if measure.quantity == "temperature" and stat is not None:
+                if measure.quantity == "temperature" and available:
                     bounded = aggregate.values(label, network, "temperature_at_bound")
-                    if any(bounded):
-                        text += f" (at bound: {int(sum(bounded))}/{len(bounded)})"
+                    text = temperature_text(stat, bounded, seeds)
                     values["temperature_at_bound_n"] = int(sum(bounded))
                 cells.append(Cell(text))
                 values.update({f"{measure.key}_mean": stat.mean * measure.scale if stat else None,
@@ -324,4 +360,5 @@ def calibration_table(aggregate: Aggregate, labels: list[str], settings: Analysi
     return Table("calibration", "Calibration before and after temperature scaling",
                  calibration_caption(best_kind, has_validation, settings.n_bins),
                  ["Method", "Network", *(measure.header for measure in measures), "Seeds"], rows,
-                 pd.DataFrame(numeric), align="ll" + "r" * (len(measures) + 1))
+                 pd.DataFrame(numeric), align="ll" + "r" * (len(measures) + 1),
+                 groups=["", "", *(measure.group for measure in measures), ""])

@@ -7,28 +7,26 @@ on hand-written runs with hand-computed numbers."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from pathlib import Path
 
-import optuna
 import pandas as pd
 import pytest
 import torch
 import yaml
 
 from analysis.__main__ import main
-from analysis.calibration import pool_bins
-from analysis.figures import DOUBLE_COLUMN_IN, MIN_FONT_PT, SINGLE_COLUMN_IN, reliability_figure, reliability_grid
 from analysis.calibration import T_MAX, T_MIN
 from analysis.report import run_analysis
-from analysis.tables import FROZEN, NO_TS, format_stat, latex_escape
+from analysis.tables import FROZEN, NO_TS, latex_escape
 from reproduce.data.prepare import prepare
 from reproduce.train import RunSpec, train
-from reproduce.metrics import expected_calibration_error, fit_temperature, reliability_bins, temperature_scaled
-from sweeps.report import param_importances, write_best_params, write_trials_csv
+from reproduce.metrics import expected_calibration_error, fit_temperature, temperature_scaled
 from conftest import PROJECT, tiny_config
+from test_analysis_report import write_sweep_results
+
+pytestmark = pytest.mark.slow  # every test here reads runs trained for the module (about a minute on 2 cores)
 
 LABELS = ("teacher", "vanilla", "kd", "dml")
 SEEDS = (0, 1)
@@ -158,15 +156,6 @@ def test_latex_table_is_booktabs_and_escaped(reports: Path) -> None:
     assert latex_escape("a_b & 5% → c") == r"a\_b \& 5\% $\rightarrow$ c"
 
 
-def test_format_stat_shows_std_only_for_several_seeds() -> None:
-    from analysis.aggregate import Stat
-
-    assert format_stat(Stat(71.234, math.nan, 1), 2) == "71.23"
-    assert format_stat(Stat(71.234, 0.5, 3), 2) == "71.23 ± 0.50"
-    assert format_stat(Stat(0.1234, 0.01, 2), 2, scale=100, row_seeds=3) == "12.34 ± 1.00 (n=2)"
-    assert format_stat(None, 2) == "missing"
-
-
 # ----------------------------------------------------------------------------------------------
 # Calibration
 
@@ -177,18 +166,21 @@ def test_temperature_is_fitted_on_validation_and_applied_to_test(runs_root: Path
         predictions = torch.load(runs_root / "kd" / f"seed{seed}" / "predictions.pt", map_location="cpu",
                                  weights_only=True)
         val, test = predictions["best"]["val"]["student"], predictions["best"]["test"]["student"]
-        temperature = min(max(fit_temperature(val, predictions["labels"]["val"]), T_MIN), T_MAX)
+        temperature = fit_temperature(val, predictions["labels"]["val"], lowest=T_MIN, highest=T_MAX)
         temperatures.append(temperature)
         scaled_eces.append(100 * expected_calibration_error(temperature_scaled(test, temperature),
                                                             predictions["labels"]["test"]))
-        test_fitted.append(fit_temperature(test, predictions["labels"]["test"]))
+        test_fitted.append(fit_temperature(test, predictions["labels"]["test"], lowest=T_MIN, highest=T_MAX))
     table = pd.read_csv(reports / "tables" / "calibration.csv").set_index(["label", "network"])
     row = table.loc[("kd", "student")]
-    assert row["temperature_mean"] == pytest.approx(mean_std(temperatures)[0], abs=1e-5)
-    assert row["ece_ts_pct_mean"] == pytest.approx(mean_std(scaled_eces)[0], abs=1e-3)
-    # A fit on the test logits gives a (slightly) different temperature: the table must hold the validation one.
-    val_gap = abs(row["temperature_mean"] - mean_std(temperatures)[0])
-    assert val_gap < abs(row["temperature_mean"] - mean_std(test_fitted)[0])
+    interior = [temperature for temperature in temperatures if temperature not in (T_MIN, T_MAX)]
+    assert row["temperature_at_bound_n"] == len(SEEDS) - len(interior) and row["temperature_n"] == len(interior)
+    if interior:  # the mean temperature is that of the fits inside the bounds
+        assert row["temperature_mean"] == pytest.approx(mean_std(interior)[0], abs=1e-6)
+        # A fit on the test logits gives a different temperature: the table must hold the validation one.
+        val_gap = abs(row["temperature_mean"] - mean_std(interior)[0])
+        assert val_gap < abs(row["temperature_mean"] - mean_std(test_fitted)[0])
+    assert row["ece_ts_pct_mean"] == pytest.approx(mean_std(scaled_eces)[0], abs=1e-3)  # every fit is applied
     comparison = pd.read_csv(reports / "tables" / "comparison.csv").set_index("label")
     assert comparison.loc["kd", "student_ece_ts_pct_mean"] == pytest.approx(row["ece_ts_pct_mean"])
 
@@ -198,21 +190,11 @@ def test_calibration_table_lists_every_network_of_every_run(runs_root: Path, rep
     expected = {(label, network) for label in LABELS for network in metrics_of(runs_root, label)[0]["networks"]}
     assert ("kd", "teacher") in expected  # evaluated in the run, but it is the teacher row's network
     assert set(zip(table["label"], table["network"])) == expected - {("kd", "teacher")}
-    for column in ("top1_best", "temperature", "ece_best_pct", "ece_ts_pct", "adaptive_ece_best_pct",
-                   "adaptive_ece_ts_pct", "mce_best_pct", "mce_ts_pct", "nll_best", "nll_ts", "brier_best", "brier_ts"):
+    for column in ("top1_best", "ece_best_pct", "ece_ts_pct", "adaptive_ece_best_pct", "adaptive_ece_ts_pct",
+                   "mce_supported_best_pct", "mce_supported_ts_pct", "nll_best", "nll_ts", "brier_best", "brier_ts"):
         assert table[f"{column}_mean"].notna().all() and (table[f"{column}_n"] == 2).all(), column
-
-
-def test_pooled_reliability_bins_equal_the_bins_of_all_predictions() -> None:
-    generator = torch.Generator().manual_seed(0)
-    first, second = torch.randn(200, 5, generator=generator) * 2, torch.randn(300, 5, generator=generator) * 2
-    labels_first = torch.randint(0, 5, (200,), generator=generator)
-    labels_second = torch.randint(0, 5, (300,), generator=generator)
-    pooled = pool_bins([reliability_bins(first, labels_first), reliability_bins(second, labels_second)])
-    together = reliability_bins(torch.cat([first, second]), torch.cat([labels_first, labels_second]))
-    assert torch.equal(pooled.counts, together.counts)
-    assert torch.allclose(pooled.accuracy, together.accuracy, equal_nan=True)
-    assert pooled.expected_error() == pytest.approx(together.expected_error(), abs=1e-6)
+    # Every network has two fits: inside the bounds (averaged) or at one (counted only).
+    assert (table["temperature_n"] + table["temperature_at_bound_n"] == 2).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,40 +315,8 @@ def test_paper_protocol_runs(paper_runs_root: Path, tmp_path: Path) -> None:
     assert summary["methods"]["kd"]["student_top1_best_test_selected"] == pytest.approx(mean, abs=1e-4)
 
 
-def smallest_font(figure) -> float:
-    from matplotlib.text import Text
-
-    sizes = [text.get_fontsize() for text in figure.findobj(Text) if text.get_visible() and text.get_text().strip()]
-    return min(sizes)
-
-
-def test_reliability_figures_are_paper_sized() -> None:
-    generator = torch.Generator().manual_seed(0)
-    logits, labels = torch.randn(500, 10, generator=generator) * 3, torch.randint(0, 10, (500,), generator=generator)
-    bins = reliability_bins(logits, labels)
-    single = reliability_figure(bins, "KD, student")
-    grid = reliability_grid([(name, bins) for name in ("Vanilla", "KD", "DKD", "DML")], columns=3)
-    assert single.get_figwidth() == SINGLE_COLUMN_IN and grid.get_figwidth() == DOUBLE_COLUMN_IN
-    for figure in (single, grid):
-        figure.canvas.draw()
-        assert smallest_font(figure) >= MIN_FONT_PT
-
-
 # ----------------------------------------------------------------------------------------------
 # Bad inputs, signals, sweeps, trackers
-
-
-def make_sweep_results(root: Path) -> None:
-    """Results written by the sweeps' own writers (sweeps/report.py) for a small real Optuna study."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    study.optimize(lambda trial: 60 - (trial.suggest_float("temperature", 1, 8) - 4) ** 2
-                   + trial.suggest_float("kd_weight", 0.1, 1), n_trials=6)
-    folder = root / "kd"
-    folder.mkdir(parents=True)
-    write_trials_csv(folder / "trials.csv", study.get_trials(), ["val_top1"])
-    (folder / "importance.json").write_text(json.dumps(param_importances(study, ["val_top1"])))
-    write_best_params(folder / "best_params.yaml", "kd", "kd-study", study.best_trial, ["val_top1"])
 
 
 def test_bad_inputs_become_notes_and_signals_sweeps_and_trackers_work(runs_root: Path, tmp_path: Path) -> None:
@@ -380,7 +330,7 @@ def test_bad_inputs_become_notes_and_signals_sweeps_and_trackers_work(runs_root:
     (runs / "kd" / "seed0").mkdir(parents=True)  # an unfinished run: no metrics.json
     (runs / "dml" / "seed0").mkdir(parents=True)
     (runs / "dml" / "seed0" / "metrics.json").write_text("{ not json")
-    make_sweep_results(tmp_path / "sweeps")
+    write_sweep_results(tmp_path / "sweeps", "kd", complete=12, importance={"val_top1": {"temperature": 0.8}})
 
     params = write_params(tmp_path / "params.yaml")
     report = run_analysis(runs, tmp_path / "sweeps", tmp_path / "reports", params, track=True)
@@ -394,7 +344,7 @@ def test_bad_inputs_become_notes_and_signals_sweeps_and_trackers_work(runs_root:
 
     page = (tmp_path / "reports" / "index.html").read_text()
     assert "expert_fraction" in page and (tmp_path / "reports" / "figures" / "signals_vanilla.png").exists()
-    assert (tmp_path / "reports" / "figures" / "sweep_kd.pdf").exists() and "Best parameters" in page
+    assert (tmp_path / "reports" / "figures" / "sweep_kd_param_importances.png").exists() and "Best parameters" in page
     assert "No sweep was run" not in page and "methods:\n  kd:" in page
 
     from mlflow.tracking import MlflowClient
@@ -403,15 +353,8 @@ def test_bad_inputs_become_notes_and_signals_sweeps_and_trackers_work(runs_root:
     [run] = client.search_runs([client.get_experiment_by_name("kd-reproduce").experiment_id],
                                "tags.mlflow.runName = 'analysis'")
     logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "figures")}
-    assert "figures/reliability_students.png" in logged and "figures/sweep_kd.png" in logged
+    assert "figures/reliability_students.png" in logged and "figures/sweep_kd_optimization_history.png" in logged
     assert not (tmp_path / "reports" / "metrics.json").exists()
-
-
-def test_cli_reports_a_missing_runs_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "reports"),
-                 "--params", str(write_params(tmp_path / "params.yaml")), "--no-track"])
-    assert code == 2
-    assert "runs directory" in capsys.readouterr().err and not (tmp_path / "reports").exists()
 
 
 def test_runs_of_another_setup_are_left_out(runs_root: Path, tmp_path: Path) -> None:

@@ -20,9 +20,10 @@ from analysis.calibration import T_MAX, T_MIN, calibrate_run
 from analysis.published import NOT_COMPARABLE, load_published, paper_vs_reproduced
 from analysis.report import run_analysis
 from analysis.runs import Setup, load_runs
-from analysis.settings import parse_settings
+from analysis.registry import display_name, ordered
 from analysis.tables import FROZEN, NO_TS
-from reproduce.metrics import calibration_metrics
+from reproduce.config import AnalysisConfig
+from reproduce.metrics import calibration_metrics, negative_log_likelihood
 from conftest import PROJECT
 
 SETUP = Setup("cifar100", "resnet32x4", "resnet8x4")
@@ -232,7 +233,7 @@ def records_for(selection: str) -> pd.DataFrame:
 
 
 def test_a_published_best_epoch_matches_only_a_test_selected_run() -> None:
-    settings = parse_settings({})
+    settings = AnalysisConfig()
     published = load_published(PROJECT / "analysis" / "published_results.yaml")
     labels = ["teacher", "kd", "dkd"]
 
@@ -261,7 +262,7 @@ def test_a_published_best_epoch_matches_only_a_test_selected_run() -> None:
 
 
 def test_kdcl_rows_compare_on_the_switokd_setup() -> None:
-    settings = parse_settings({})
+    settings = AnalysisConfig()
     published = load_published(PROJECT / "analysis" / "published_results.yaml")
     setup = Setup("cifar100", "switokd_wrn_16_2", "mobilenetv2_0.5")  # the recipe's pair: SwitOKD's own WRN
     records = pd.DataFrame([{"label": "kdcl", "seed": seed, "network": network,
@@ -375,7 +376,7 @@ def test_reliability_diagrams_print_the_mean_over_seeds_ece(tmp_path: Path, monk
     not the pooled bins' ECE."""
     from matplotlib.text import Text
 
-    import analysis.report
+    import analysis.report_figures
     from analysis.calibration import pool_bins
     from analysis.figures import reliability_figure
 
@@ -391,7 +392,7 @@ def test_reliability_diagrams_print_the_mean_over_seeds_ece(tmp_path: Path, monk
     label = f"ECE (%) {100 * sum(per_seed) / 2:.2f}, mean of 2 seed(s)"
 
     printed: list[str | None] = []
-    original_figure, original_grid = analysis.report.reliability_figure, analysis.report.reliability_grid
+    original_figure, original_grid = analysis.report_figures.reliability_figure, analysis.report_figures.reliability_grid
 
     def spy_figure(bins, title, ece_text=None):
         printed.append(ece_text)
@@ -401,8 +402,8 @@ def test_reliability_diagrams_print_the_mean_over_seeds_ece(tmp_path: Path, monk
         printed.extend(panel[2] for panel in panels)
         return original_grid(panels, columns)
 
-    monkeypatch.setattr(analysis.report, "reliability_figure", spy_figure)
-    monkeypatch.setattr(analysis.report, "reliability_grid", spy_grid)
+    monkeypatch.setattr(analysis.report_figures, "reliability_figure", spy_figure)
+    monkeypatch.setattr(analysis.report_figures, "reliability_grid", spy_grid)
     run_analysis(root, tmp_path / "sweeps", tmp_path / "reports", write_params(tmp_path / "params.yaml", 0.0),
                  track=False)
     assert printed == [label, label]  # the students' grid and the vanilla student's own diagram
@@ -451,15 +452,19 @@ def test_an_interior_temperature_is_not_clamped(tmp_path: Path) -> None:
     T = 1/ln 3 = 0.9102."""
     calibration, _, warnings = calibrate_one(
         tmp_path, [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0, 0, 0, 0], [[1.0, 0.0]], [0])
-    assert calibration.temperature == pytest.approx(1 / math.log(3), rel=1e-3)
+    assert calibration.temperature == pytest.approx(1 / math.log(3), rel=1e-6)
     assert not calibration.at_bound and not warnings
 
 
 def test_a_fit_beyond_the_upper_bound_is_clamped_and_warned(tmp_path: Path) -> None:
-    """The same logits, one label right and one wrong: the NLL is smallest at β = 0 (T = ∞), hence T_MAX."""
-    calibration, _, warnings = calibrate_one(tmp_path, [[1.0, 0.0], [1.0, 0.0]], [0, 1], [[1.0, 0.0]], [0])
-    assert calibration.temperature == T_MAX and calibration.at_bound and calibration.temperature_fit > T_MAX
-    assert len(warnings) == 1 and "reached the bound" in warnings[0]
+    """The same logits, one label right and one wrong: the NLL is smallest at β = 0 (T = ∞), hence T_MAX, and
+    the NLL still falls beyond it."""
+    val_logits, val_labels = [[1.0, 0.0], [1.0, 0.0]], [0, 1]
+    calibration, _, warnings = calibrate_one(tmp_path, val_logits, val_labels, [[1.0, 0.0]], [0])
+    assert calibration.temperature == T_MAX and calibration.at_bound
+    nll = [negative_log_likelihood(torch.tensor(val_logits) / t, torch.tensor(val_labels)) for t in (T_MAX, 2 * T_MAX)]
+    assert nll[1] < nll[0]
+    assert len(warnings) == 1 and "reached the bound T = 10" in warnings[0] and "larger T" in warnings[0]
 
 
 def test_temperature_at_bound_is_marked_in_the_calibration_table(tmp_path: Path) -> None:
@@ -473,7 +478,13 @@ def test_temperature_at_bound_is_marked_in_the_calibration_table(tmp_path: Path)
     report = run_analysis(root, tmp_path / "sweeps", tmp_path / "reports", write_params(tmp_path / "params.yaml"),
                           track=False)
     row = next(row for row in report.tables["calibration"].rows if row[0].text == "Vanilla student")
-    assert row[3].text.endswith("(at bound: 1/2)")
+    # Seed 0's bound is counted, not averaged: T is seed 1's fit alone.
+    [seed1] = calibrate_run(load_runs(root).of("vanilla")[1], 15, [], [])
+    assert not seed1.at_bound
+    assert row[3].text == f"{seed1.temperature:.2f} (1 of 2 at a bound, excluded)"
+    numeric = report.tables["calibration"].numeric.iloc[0]
+    assert numeric["temperature_mean"] == pytest.approx(seed1.temperature) and numeric["temperature_n"] == 1
+    assert numeric["temperature_at_bound_n"] == 1
     assert len(report.warnings) == 1 and "no errors" in report.warnings[0]
     page = (tmp_path / "reports" / "index.html").read_text()
     assert "1 temperature fit(s) to read with care" in page and "no errors" in page
@@ -512,15 +523,15 @@ def test_a_crafted_predictions_file_is_refused_and_becomes_a_note(tmp_path: Path
 def test_names_and_order_come_from_the_registry_with_optional_overrides() -> None:
     from reproduce.methods import METHODS
 
-    settings = parse_settings({})
+    settings = AnalysisConfig()
     labels = {"r2kd", "kd", "teacher", "kdcl", "vanilla", "dml", "dkd", "unknown_method"}
-    assert settings.ordered(labels) == ["teacher", "vanilla", "kd", "dkd", "dml", "kdcl", "r2kd", "unknown_method"]
-    assert settings.display_name("kdcl") == METHODS.get("kdcl").display_name == "KDCL"
-    assert settings.display_name("teacher") == "Teacher (vanilla)" and settings.display_name("unknown_method") == \
+    assert ordered(labels, settings) == ["teacher", "vanilla", "kd", "dkd", "dml", "kdcl", "r2kd", "unknown_method"]
+    assert display_name("kdcl", settings) == METHODS.get("kdcl").display_name == "KDCL"
+    assert display_name("teacher", settings) == "Teacher (vanilla)" and display_name("unknown_method", settings) == \
         "unknown_method"
-    custom = parse_settings({"order": ["dml", "kd"], "names": {"kd": "Hinton KD"}})
-    assert custom.ordered(labels)[:4] == ["dml", "kd", "teacher", "vanilla"]
-    assert custom.display_name("kd") == "Hinton KD" and custom.display_name("dml") == "DML"
+    custom = AnalysisConfig.model_validate({"order": ["dml", "kd"], "names": {"kd": "Hinton KD"}})
+    assert ordered(labels, custom)[:4] == ["dml", "kd", "teacher", "vanilla"]
+    assert display_name("kd", custom) == "Hinton KD" and display_name("dml", custom) == "DML"
 
 
 def test_curated_tsvs_hold_the_mean_over_seeds_per_epoch(suite) -> None:
