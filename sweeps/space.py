@@ -4,7 +4,8 @@
 A space is checked against the method before any trial runs: every name must be a field of the
 method's ``Params``, every range well formed, and both ends of a range (every choice of a categorical)
 must be values the method itself accepts (``parse_params``), so a space that would crash trial 17 of 20
-fails in the first second instead.
+fails in the first second instead. ``methods.<method>``, which every trial starts from, is checked when the
+config loads, so an error here is the range's own.
 """
 
 from __future__ import annotations

@@ -23,11 +23,13 @@ from conftest import PROJECT
 from pg_server import PostgresServer, missing_requirements, wait_for
 from reproduce.config import load_config
 from sweeps.__main__ import main
-from sweeps.study import (ERROR_ATTR, RETRIED_ATTR, WORKER_ATTR, create_or_load_study, open_storage, plan_job,
-                          uses_budget)
+from sweeps.budget import ERROR_ATTR, WORKER_ATTR, retried_from, uses_budget
+from sweeps.plan import plan_job
+from sweeps.storage import open_storage
+from sweeps.study import create_or_load_study
 from test_sweeps import DML_SPACE, read_csv, write_params
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 def in_ci() -> bool:
@@ -101,7 +103,7 @@ def test_two_workers_on_postgres_keep_the_budget_exact_when_one_is_killed_mid_tr
     # The killed trial: failed, with no error of its own (interrupted), not counted...
     assert killed.state == TrialState.FAIL and ERROR_ATTR not in killed.user_attrs and not uses_budget(killed)
     # ... and replaced exactly once, by a retry of its parameters that the survivor ran to the end.
-    [retry] = [t for t in trials if t.system_attrs.get(RETRIED_ATTR) == killed.number]
+    [retry] = [t for t in trials if retried_from(t) == killed.number]
     assert retry.params == killed.params and retry.state == TrialState.COMPLETE
     assert retry.user_attrs[WORKER_ATTR]["pid"] == survivor.pid
     # The budget, exactly: n_trials counted trials, all complete, no parameters evaluated twice, and no
@@ -111,7 +113,7 @@ def test_two_workers_on_postgres_keep_the_budget_exact_when_one_is_killed_mid_tr
     assert len({tuple(sorted(t.params.items())) for t in counted}) == 3
     assert not [t for t in trials if t.state == TrialState.RUNNING or t.state == TrialState.WAITING]
     assert {t.user_attrs[WORKER_ATTR]["pid"] for t in trials} <= {victim.pid, survivor.pid}
-    rows = read_csv(project / "sweeps/results/dml/trials.csv")
+    rows = read_csv(project / "sweep-results/dml/trials.csv")
     assert len(rows) == len(trials)
     assert "interrupted" in rows[killed.number]["error"] and rows[retry.number]["retry_of"] == str(killed.number)
 
@@ -129,7 +131,10 @@ def test_a_dead_remote_workers_trial_is_found_by_the_heartbeat_and_retried(
         remote = study.ask()
     params = {name: spec.suggest(remote, name) for name, spec in job.space.items()}
     remote.set_user_attr(WORKER_ATTR, {"host": "another-machine", "boot": "", "pid": 1, "started": None})
-    open_storage(database, job.settings.heartbeat).record_heartbeat(remote._trial_id)  # ...and then it died
+    storage = open_storage(database, job.settings.heartbeat)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
+                                                               remote.number)
+    storage.record_heartbeat(trial_id)  # ...and then it died
     started = time.monotonic()
 
     assert main(["run", "--method", "dml", "--no-track"]) == 0
@@ -137,7 +142,18 @@ def test_a_dead_remote_workers_trial_is_found_by_the_heartbeat_and_retried(
     assert time.monotonic() - started >= 6  # nothing could fail it before its grace period ran out
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL and not uses_budget(trials[0])
-    [retry] = [t for t in trials if t.system_attrs.get(RETRIED_ATTR) == 0]
+    [retry] = [t for t in trials if retried_from(t) == 0]
     assert retry.params == params and retry.state == TrialState.COMPLETE
     assert [t.state for t in trials if uses_budget(t)] == [TrialState.COMPLETE] * 2
     assert "trial 0: its worker stopped mid-trial" in capsys.readouterr().out
+
+
+def test_a_database_the_server_does_not_have_is_one_line_naming_it(
+        project: Path, prepared_root: Path, postgres: PostgresServer, capsys: pytest.CaptureFixture[str]) -> None:
+    write_params(prepared_root, project, method="dml", space=DML_SPACE, storage=postgres.url("no_such_database"))
+
+    assert main(["run", "--method", "dml", "--no-track"]) == 2
+
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: study storage {postgres.url('no_such_database')}: cannot use it (")
+    assert "no_such_database" in line.split("cannot use it", 1)[1] and "start the database server" in line
