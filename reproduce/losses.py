@@ -63,6 +63,12 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits, target)
 
 
+def one_hot(target: Tensor, classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``[B, classes]`` indicator of the labels. ``F.one_hot`` checks the labels' range on the host, which
+    waits for the device every step; this scatter does not (an out-of-range label fails in the kernel)."""
+    return torch.zeros(len(target), classes, dtype=dtype, device=target.device).scatter_(1, target[:, None], 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # DKD (Zhao et al. 2022; mdistiller's formulation) and AEKT's per-sample use of it
 
@@ -89,7 +95,7 @@ def dkd_parts(student: Tensor, teacher: Tensor, target: Tensor, temperature: flo
     ``TCKD = KL(b_t ‖ b_s)`` over the binary ``b = [p^y, 1 − p^y]``; ``NCKD = KL(p̂_t ‖ p̂_s)`` over the
     distribution renormalised on the non-target classes. ``KL(p_t‖p_s) = TCKD + (1 − p_t^y)·NCKD`` (tested)."""
     teacher = teacher.detach()
-    target_mask = F.one_hot(target, student.shape[1]).bool()
+    target_mask = one_hot(target, student.shape[1], torch.bool)
     scaled_student, scaled_teacher = student / temperature, teacher / temperature
     tckd = kl_per_sample(_target_vs_rest_log_probs(scaled_teacher, target_mask),
                          _target_vs_rest_log_probs(scaled_student, target_mask))

@@ -33,12 +33,17 @@ class ReliabilityBins:
         return (self.confidence - self.accuracy).abs()
 
     def expected_error(self) -> float:
-        weights = self.counts / self.counts.sum().clamp(min=1)
-        return float(torch.nansum(weights * self.gaps))
+        return float(self.expected_error_tensor())
 
     def max_error(self) -> float:
-        filled = self.counts > 0
-        return float(self.gaps[filled].max()) if bool(filled.any()) else 0.0
+        return float(self.max_error_tensor())
+
+    def expected_error_tensor(self) -> Tensor:
+        weights = self.counts / self.counts.sum().clamp(min=1)
+        return torch.nansum(weights * self.gaps)
+
+    def max_error_tensor(self) -> Tensor:
+        return torch.where(self.counts > 0, self.gaps, 0.0).max()  # gaps are >= 0; 0 when every bin is empty
 
 
 def top_label(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,7 +61,7 @@ def equal_width_bin_index(confidence: Tensor, n_bins: int) -> Tensor:
 def reliability_bins(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> ReliabilityBins:
     confidence, correct = top_label(logits, labels)
     return _bins_from(confidence, correct, equal_width_bin_index(confidence, n_bins), n_bins,
-                      torch.linspace(0, 1, n_bins + 1))
+                      torch.linspace(0, 1, n_bins + 1, device=confidence.device))
 
 
 def adaptive_reliability_bins(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> ReliabilityBins:
@@ -65,15 +70,15 @@ def adaptive_reliability_bins(logits: Tensor, labels: Tensor, n_bins: int = DEFA
     confidence, correct = top_label(logits, labels)
     order = torch.argsort(confidence)
     index = torch.empty_like(order)
-    index[order] = torch.arange(len(order)) * n_bins // max(len(order), 1)
-    upper = torch.full((n_bins,), torch.nan).scatter_reduce(0, index, confidence, "amax", include_self=False)
-    return _bins_from(confidence, correct, index, n_bins, torch.cat([torch.zeros(1), upper]))
+    index[order] = torch.arange(len(order), device=confidence.device) * n_bins // max(len(order), 1)
+    upper = confidence.new_full((n_bins,), torch.nan).scatter_reduce(0, index, confidence, "amax", include_self=False)
+    return _bins_from(confidence, correct, index, n_bins, torch.cat([confidence.new_zeros(1), upper]))
 
 
 def _bins_from(confidence: Tensor, correct: Tensor, index: Tensor, n_bins: int, edges: Tensor) -> ReliabilityBins:
-    counts = torch.zeros(n_bins).index_add_(0, index, torch.ones_like(confidence))
-    conf_sum = torch.zeros(n_bins).index_add_(0, index, confidence)
-    correct_sum = torch.zeros(n_bins).index_add_(0, index, correct)
+    counts = confidence.new_zeros(n_bins).index_add_(0, index, torch.ones_like(confidence))
+    conf_sum = confidence.new_zeros(n_bins).index_add_(0, index, confidence)
+    correct_sum = confidence.new_zeros(n_bins).index_add_(0, index, correct)
     safe = counts.clamp(min=1)
     empty = counts == 0
     return ReliabilityBins(edges=edges,
@@ -97,9 +102,13 @@ def adaptive_calibration_error(logits: Tensor, labels: Tensor, n_bins: int = DEF
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
+    return float(topk_accuracy_tensor(logits, labels, k))
+
+
+def topk_accuracy_tensor(logits: Tensor, labels: Tensor, k: int) -> Tensor:
     k = min(k, logits.shape[1])
     hits = (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
-    return 100.0 * float(hits.double().mean())
+    return 100.0 * hits.double().mean()
 
 
 def negative_log_likelihood(logits: Tensor, labels: Tensor) -> float:
@@ -107,24 +116,36 @@ def negative_log_likelihood(logits: Tensor, labels: Tensor) -> float:
 
 
 def brier_score(logits: Tensor, labels: Tensor) -> float:
+    return float(brier_score_tensor(logits, labels))
+
+
+def brier_score_tensor(logits: Tensor, labels: Tensor) -> Tensor:
     """Multi-class Brier score: mean over samples of ``Σ_c (p_c − 1[c = y])²`` (range [0, 2])."""
     probs = F.softmax(logits.float(), dim=1)
-    one_hot = F.one_hot(labels, probs.shape[1]).float()
-    return float(((probs - one_hot) ** 2).sum(dim=1).mean())
+    # A scatter, not F.one_hot, which checks the labels' range on the host (a sync on a GPU).
+    one_hot = torch.zeros_like(probs).scatter_(1, labels[:, None], 1.0)
+    return ((probs - one_hot) ** 2).sum(dim=1).mean()
+
+
+def classification_metric_tensors(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> dict[str, Tensor]:
+    """Every per-network number the suite reports, from one set of logits, as 0-d tensors on the logits'
+    device: nothing is read back to the host (training copies all of an epoch's at once)."""
+    logits, labels = logits.detach().float(), labels.detach()
+    bins = reliability_bins(logits, labels, n_bins)
+    return {
+        "top1": topk_accuracy_tensor(logits, labels, 1),
+        "top5": topk_accuracy_tensor(logits, labels, 5),
+        "nll": F.cross_entropy(logits, labels),
+        "ece": bins.expected_error_tensor(),
+        "mce": bins.max_error_tensor(),
+        "brier": brier_score_tensor(logits, labels),
+    }
 
 
 def classification_metrics(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> dict[str, float]:
-    """Every per-network number the suite reports, from one set of logits."""
-    logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
-    bins = reliability_bins(logits, labels, n_bins)
-    return {
-        "top1": topk_accuracy(logits, labels, 1),
-        "top5": topk_accuracy(logits, labels, 5),
-        "nll": negative_log_likelihood(logits, labels),
-        "ece": bins.expected_error(),
-        "mce": bins.max_error(),
-        "brier": brier_score(logits, labels),
-    }
+    """``classification_metric_tensors`` computed on the CPU, as floats."""
+    values = classification_metric_tensors(logits.detach().float().cpu(), labels.detach().cpu(), n_bins)
+    return dict(zip(values, torch.stack([value.double() for value in values.values()]).tolist()))
 
 
 def fit_temperature(logits: Tensor, labels: Tensor, lowest: float = 0.01, highest: float = 100.0,

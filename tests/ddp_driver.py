@@ -4,7 +4,8 @@ rank did into ``<record dir>/rank<r>.json``:
 - ``batches``: per epoch, per training batch, a fingerprint of every sample (its augmented pixels and label);
 - ``writes``: every file this rank opened for writing, or moved into place, under the working directory;
 - ``tracker_enabled``: whether this rank's Tracker was asked to track;
-- ``updates``, ``signals``, ``digests``: per training step, the roles updated, the method's signals and a
+- ``updates``, ``signals``, ``digests``: per training step, the roles updated (named in ``Step.update`` and not
+  gated off by ``Step.gates``), the method's signals and a
   digest of every role's parameters after the step; ``ddp_roles``: the roles whose gradients the step's
   ``replicas`` handle averages (reproduce/distributed.py);
 and every role's parameters before and after the first step into ``<record dir>/rank<r>_step1.pt``.
@@ -93,7 +94,8 @@ def _instrument() -> None:
         if not record["updates"]:
             first_step["before"] = _flat(method)
         step = train_step(method, optimizers, *args, **kwargs)
-        record["updates"].append(sorted(step.update) if step.update is not None else sorted(optimizers))
+        roles = sorted(step.update) if step.update is not None else sorted(optimizers)
+        record["updates"].append([role for role in roles if role not in step.gates or bool(step.gates[role])])
         record["signals"].append({name: float(value) for name, value in step.signals.items()})
         record["digests"].append({role: _digest(module) for role, module in method.roles().items()})
         if len(record["updates"]) == 1:

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from reproduce.losses import cross_entropy, dkd_parts, target_log_probability
-from reproduce.methods.base import ConfigError, Method, MethodKind, Networks, Step, check_choice, mean_of, register
+from reproduce.methods.base import (ConfigError, Method, MethodKind, Networks, Step, check_choice, mean_of, ramp,
+                                    register)
 
 
 def identity_linear(num_classes: int) -> nn.Linear:
@@ -91,7 +92,7 @@ class AEKT(Method):
     def frozen(self) -> list[nn.Module]:
         return [self.teacher]
 
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
         p = self.params
         with torch.no_grad():
             teacher_logits = self.teacher(x)
@@ -104,7 +105,7 @@ class AEKT(Method):
             ratio = (target_log_probability(teacher_logits, y, p.temperature)
                      - target_log_probability(distill_logits, y, p.temperature)).exp().clamp(0.0, p.max_ratio)
         explicit_weight = ratio if p.explicit_weighting == "ratio" else torch.ones_like(ratio)
-        kd_scale = min(epoch / p.warmup_epochs, 1.0) * p.temperature**2  # warm-up ramp times τ²
+        kd_scale = ramp(epoch, p.warmup_epochs) * p.temperature**2  # warm-up ramp times τ²
         return Step(
             losses={"student": {
                 "ce": p.ce_weight * cross_entropy(class_logits, y),

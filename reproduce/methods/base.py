@@ -3,19 +3,24 @@
 A training step (reproduce/train/step.py) is::
 
     step = method.step(x, y, epoch)            # named losses per role, detached peer targets
-    sum(losses of the roles in step.update).backward()
-    optimizer[role].step() for role in step.update
+    sum(losses of the updated roles).backward()
+    optimizer[role].step() for every updated role (kept only where step.gates[role] is on, if gated)
 
 Because every peer target is detached inside the losses, the loss of role ``r`` has gradients only
-in role ``r``'s parameters, so one backward of the sum is exact, and a role left out of
-``step.update`` (SwitOKD's paused teacher) gets no gradient, no momentum and no weight decay.
+in role ``r``'s parameters, so one backward of the sum is exact. A role left out of ``step.update``, or
+gated off by ``step.gates`` (SwitOKD's paused teacher), gets no update, no momentum and no weight decay.
+
+A step never reads a value back from the device (no ``.item()``, ``float(tensor)``, ``if tensor``): a
+decision that depends on the data is a 0-d bool tensor in ``step.gates``, a coefficient that depends on it
+is a tensor (``ramp``), and signals are tensors the engine averages over the epoch. ``epoch`` is a 0-d
+float tensor in training (so that a compiled step is not recompiled every epoch); do arithmetic on it.
 
 Adding a method is one file in this package: a ``Method`` subclass decorated with ``@register``
 (the ``METHODS`` registry, reproduce/registry.py), declaring its ``kind`` (``MethodKind``),
 with its coefficients as a ``Params`` dataclass whose defaults are the paper's (params.yaml
 ``methods.<name>`` overrides them), its display name, its table row and its Optuna search space.
 Everything else (the DVC stages, the sweeps, the tables) is derived from the registry:
-``python -m reproduce pipeline`` writes the lists DVC reads (registry.yaml).
+``python -m pipeline sync`` writes the lists DVC reads (registry.yaml).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from reproduce.config import Config, ConfigError, build_dataclass, check_choice  # noqa: F401  (re-exported for methods)
@@ -53,7 +59,10 @@ class Step:
     """What one training step of a method produced."""
 
     losses: dict[str, dict[str, Tensor]]  # role -> named loss terms (summed by the engine)
-    update: frozenset[str] | None = None  # roles whose optimisers step; None = every role
+    update: frozenset[str] | None = None  # roles whose optimisers step, decided in Python; None = every role
+    # role -> 0-d bool tensor: the role's update is kept only where True (a decision taken on the device).
+    # Its losses count in the epoch's means only in the steps it is on.
+    gates: dict[str, Tensor] = field(default_factory=dict)
     signals: dict[str, Tensor | float] = field(default_factory=dict)  # logged as per-epoch means
 
 
@@ -100,8 +109,8 @@ class Method(nn.Module, abc.ABC):
         """Trainable modules by role; each role gets its own optimiser and schedule."""
 
     @abc.abstractmethod
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
-        """Losses of one mini-batch. ``epoch`` counts from 1 (DKD's warm-up uses it)."""
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
+        """Losses of one mini-batch. ``epoch`` counts from 1 (DKD's warm-up uses it through ``ramp``)."""
 
     def eval_networks(self) -> dict[str, nn.Module]:
         """Networks evaluated every epoch (top-1, ECE, ...), by name. Defaults to the roles."""
@@ -184,7 +193,7 @@ class SingleNetwork(Method):
     def roles(self) -> dict[str, nn.Module]:
         return {self.role: self.network}
 
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
         return Step(losses={self.role: {"ce": cross_entropy(self.network(x), y)}})
 
 
@@ -235,6 +244,11 @@ def get_method(name: str, where: str | None = None) -> type[Method]:
 def build_method(config: Config, name: str, networks: Networks) -> Method:
     cls = get_method(name)
     return cls(networks, cls.parse_params(config.methods.get(name)))
+
+
+def ramp(epoch: int | Tensor, epochs: int) -> float | Tensor:
+    """``min(epoch / epochs, 1)``: a linear warm-up over ``epochs`` epochs (a tensor for a tensor epoch)."""
+    return (epoch / epochs).clamp(max=1.0) if torch.is_tensor(epoch) else min(epoch / epochs, 1.0)
 
 
 def mean_of(values: Tensor) -> Tensor:

@@ -74,7 +74,7 @@ class BDKD(OnlinePairMethod):
             check_choice(self.weighting, tuple(FORWARD_WEIGHTINGS), "methods.bdkd.weighting")
             check_choice(self.teacher_reg, tuple(TEACHER_REGULARISERS), "methods.bdkd.teacher_reg")
 
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
         p = self.params
         teacher_logits = self.teacher(x)
         student_logits = self.student(x)

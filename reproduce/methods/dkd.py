@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from reproduce.losses import cross_entropy, dkd_loss
-from reproduce.methods.base import ConfigError, Step, TeacherStudentMethod, register
+from reproduce.methods.base import ConfigError, Step, TeacherStudentMethod, ramp, register
 
 
 @register
@@ -45,12 +45,12 @@ class DKD(TeacherStudentMethod):
             if self.warmup_epochs < 1:
                 raise ConfigError("methods.dkd.warmup_epochs: must be >= 1 (1 = no ramp)")
 
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
         p = self.params
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         student_logits = self.student(x)
-        warmup = min(epoch / p.warmup_epochs, 1.0)
+        warmup = ramp(epoch, p.warmup_epochs)
         return Step(losses={"student": {
             "ce": p.ce_weight * cross_entropy(student_logits, y),
             "dkd": warmup * dkd_loss(student_logits, teacher_logits, y, p.alpha, p.beta, p.temperature),

@@ -33,7 +33,7 @@ class DML(PeerGroupMethod):
         kd_weight: float = 1.0
         extra_students: int = 0  # K = 2 + extra_students peers
 
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
         logits = {role: network(x) for role, network in self.peers.items()}
         p = self.params
         losses = {}

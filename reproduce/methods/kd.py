@@ -32,7 +32,7 @@ class KD(TeacherStudentMethod):
         ce_weight: float = 0.1
         kd_weight: float = 0.9
 
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         student_logits = self.student(x)

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reproduce.losses import cross_entropy, kd_loss
+from reproduce.losses import cross_entropy, kd_loss, one_hot
 from reproduce.methods.base import PeerGroupMethod, Step, check_choice, mean_of, register
 
 LINEAR_OBJECTIVES = ("least_squares", "cross_entropy")
@@ -99,12 +99,13 @@ def least_squares_weights(stacked: Tensor, target: Tensor) -> Tensor:
     dtype = torch.float32 if stacked.device.type == "mps" else torch.float64
     centred = (stacked - stacked.mean(dim=2, keepdim=True)).to(dtype)
     design = centred.permute(1, 2, 0).reshape(batch * classes, count)
-    labels = (F.one_hot(target, classes).to(dtype) - 1.0 / classes).reshape(-1)
+    labels = (one_hot(target, classes, dtype) - 1.0 / classes).reshape(-1)
     # Normal equations with a tiny ridge: networks with identical logits must not make the solve singular.
     gram = design.T @ design
     ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(count, dtype=gram.dtype, device=gram.device)
-    weights = torch.linalg.solve(gram + ridge * eye, design.T @ labels)
+    # solve_ex: linalg.solve would read the solver's status on the host (a sync); the ridge keeps it regular.
+    weights = torch.linalg.solve_ex(gram + ridge * eye, design.T @ labels).result
     return _normalise(weights.clamp_min(0).float())
 
 
@@ -112,9 +113,9 @@ def cross_entropy_weights(stacked: Tensor, target: Tensor) -> Tensor:
     """``[N]`` weights on the simplex minimising ``CE(Σ_k w_k z_k, y)`` (convex in w), by exponentiated
     gradient descent from the uniform weights; the best iterate is kept."""
     count, batch, classes = stacked.shape
-    one_hot = F.one_hot(target, classes).float()
+    indicator = one_hot(target, classes)
     weights = torch.full((count,), 1.0 / count, device=stacked.device)
-    best_weights, best_loss = weights, torch.tensor(float("inf"), device=stacked.device)
+    best_weights, best_loss = weights, stacked.new_full((), float("inf"))
     for step in range(LINEAR_CE_STEPS + 1):
         combined = torch.einsum("n,nbc->bc", weights, stacked)
         loss = F.cross_entropy(combined, target)
@@ -123,7 +124,7 @@ def cross_entropy_weights(stacked: Tensor, target: Tensor) -> Tensor:
         best_loss = torch.minimum(loss, best_loss)
         if step == LINEAR_CE_STEPS:
             break
-        gradient = torch.einsum("bc,nbc->n", combined.softmax(dim=1) - one_hot, stacked) / batch
+        gradient = torch.einsum("bc,nbc->n", combined.softmax(dim=1) - indicator, stacked) / batch
         # A step normalised by the largest partial derivative: logit scales vary by orders of magnitude.
         rate = 0.5 / (step + 1) ** 0.5 / gradient.abs().max().clamp_min(1e-12)
         weights = _normalise(weights * torch.exp(-rate * gradient))
@@ -180,7 +181,7 @@ class KDCL(PeerGroupMethod):
             check_choice(self.ensemble, tuple(ENSEMBLES), "methods.kdcl.ensemble")
             check_choice(self.linear_objective, LINEAR_OBJECTIVES, "methods.kdcl.linear_objective")
 
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
         return self.collaborative_losses({role: network(x) for role, network in self.peers.items()}, y)
 
     def collaborative_losses(self, logits: dict[str, Tensor], y: Tensor) -> Step:
@@ -190,7 +191,7 @@ class KDCL(PeerGroupMethod):
         with torch.no_grad():
             if p.ensemble == "linear":
                 ensemble, weights = linear_ensemble(list(logits.values()), y, p.linear_objective)
-                signals.update({f"weight_{role}": float(w) for role, w in zip(logits, weights.tolist())})
+                signals.update({f"weight_{role}": w for role, w in zip(logits, weights)})
             else:
                 ensemble = ENSEMBLES[p.ensemble](list(logits.values()), y)
             signals["ensemble_ce"] = mean_of(F.cross_entropy(ensemble, y, reduction="none"))

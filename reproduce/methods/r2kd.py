@@ -175,7 +175,7 @@ class R2KD(Method):
     def frozen(self) -> list[nn.Module]:
         return [self.teacher] + ([self.pruned_teacher] if self.params.pruned_teacher_mode == "eval" else [])
 
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
         student_logits = self.student(x)
         value, rank = self._distillation_terms(x, student_logits)
         if self.augment is not None:

@@ -74,7 +74,7 @@ class SOKD(Method):
     def frozen(self) -> list[nn.Module]:
         return [self.teacher] if self.params.frozen_bn == "eval" else []
 
-    def step(self, x: Tensor, y: Tensor, epoch: int) -> Step:
+    def step(self, x: Tensor, y: Tensor, epoch: int | Tensor) -> Step:
         p = self.params
         with torch.no_grad():
             trunk_features = self.teacher.trunk(x)

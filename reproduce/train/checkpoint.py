@@ -157,17 +157,16 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=run, name="checkpoint-writer")
         self._thread.start()
 
-    def wait(self) -> None:
+    def wait(self, raise_error: bool = True) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
             raise error
 
 
-def save_networks(method: Method, config: Config, path: Path, epoch: int) -> None:
-    """The evaluated networks' weights (final.pt / best.pt), with the architectures that read them."""
-    networks = method.eval_networks()
-    atomic_torch_save({"epoch": epoch, "models": config.models.model_dump(),
-                       "networks": {name: net.state_dict() for name, net in networks.items()}}, path)
+def save_networks(networks: dict[str, dict[str, Any]], config: Config, path: Path, epoch: int) -> None:
+    """The evaluated networks' weights (final.pt / best.pt, from ``{name: state_dict}``), with the
+    architectures that read them."""
+    atomic_torch_save({"epoch": epoch, "models": config.models.model_dump(), "networks": networks}, path)

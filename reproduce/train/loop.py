@@ -1,13 +1,17 @@
 """The run: epochs of steps, evaluation, the best epoch, checkpoints, exact resume.
 
-Read ``train()`` top to bottom: it builds the data, the method and one optimiser per role, then for
-every epoch runs the steps (``train_epoch``), evaluates every network on validation and test,
-records the epoch and writes a checkpoint. Methods only compute losses (reproduce/methods/base.py);
-one step is reproduce/train/step.py.
+Read ``train()`` at the bottom, top to bottom: it builds the run (``start``: data, method, one optimiser per
+role, the learning rates, the DDP replicas), resumes from the checkpoint if there is one, then for every
+epoch runs the steps (``train_epoch``), evaluates every network on validation and test (every
+``recipe.eval_every`` epochs and always after the last), records the epoch and writes a checkpoint. Methods
+only compute losses (reproduce/methods/base.py); one step is reproduce/train/step.py.
 
-Honest reporting is built in: every epoch is evaluated on both splits, the best epoch is chosen on
-validation top-1 of the method's primary network (never on test), and ``metrics.json`` holds the
-best and the last epoch side by side.
+The host waits for the device once per epoch, not per step: the losses, signals and the check for a NaN
+loss stay on the device until the epoch ends (reproduce/train/tally.py), evaluation returns its metrics in
+one copy, and checkpoints are written by a background thread.
+
+Honest reporting is built in: the best epoch is chosen on validation top-1 of the method's primary network
+(never on test) among the evaluated epochs, and ``metrics.json`` holds the best and the last epoch side by side.
 """
 
 from __future__ import annotations
@@ -15,12 +19,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import nn
 from tqdm import tqdm
 
 from reproduce.config import Config, ConfigError
@@ -30,58 +34,160 @@ from reproduce.distributed import Replicas, make_replicas
 from reproduce.io import atomic_torch_save, write_table
 from reproduce.methods.base import Method, build_method, get_method
 from reproduce.runtime import Runtime, resolve_runtime, seed_everything
-from reproduce.tracking import Tracker, git_commit
+from reproduce.tracking import Tracker, fingerprint, repair_finished_run, training_params
 from reproduce.train.build import make_networks
-from reproduce.train.checkpoint import load_checkpoint, restore, save_checkpoint, save_networks
-from reproduce.train.evaluate import evaluate
-from reproduce.train.optim import make_optimizer, set_learning_rates
+from reproduce.train.checkpoint import (BackgroundWriter, checkpoint_state, host_copy, load_checkpoint, restore,
+                                        resume_key, save_networks)
+from reproduce.train.evaluate import Logits, evaluate, to_host
+from reproduce.train.frozen import prepare_frozen
+from reproduce.train.optim import LearningRates, make_optimizer
 from reproduce.train.outputs import BEST_KEYS, epoch_bar, finish, report_epoch
 from reproduce.train.spec import RunSpec
-from reproduce.train.step import train_step
+from reproduce.train.step import DivergedError, train_step
+from reproduce.train.tally import EpochTally
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def train_epoch(method: Method, optimizers: dict[str, torch.optim.Optimizer], batches: Batches, epoch: int,
-                config: Config, runtime: Runtime, progress: "tqdm | None" = None,
-                replicas: Replicas | None = None) -> dict[str, float]:
-    """Every step of one epoch; returns the epoch's mean losses and signals, learning rates and timing."""
+                rates: LearningRates, runtime: Runtime, *, replicas: Replicas | None = None,
+                progress: "tqdm | None" = None) -> EpochTally:
+    """Every step of one epoch. Returns the epoch's tally, still on the device (``tally.result()`` reads it)."""
     method.train()
-    sums: dict[str, Tensor | float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    steps = len(batches)
-    images = 0
+    tally = EpochTally(len(batches), runtime.device)
+    # The epoch as a device tensor: methods compute with it, and a compiled step is not specialised on it.
+    epoch_value = torch.full((), float(epoch), device=runtime.device)
     started = time.perf_counter()
     for index, (x, y) in enumerate(batches.epoch(epoch)):
-        set_learning_rates(optimizers, config.recipe, epoch, index / steps)
-        step = train_step(method, optimizers, x, y, epoch, runtime, index, replicas=replicas)
-        # Accumulate on the device; converting to Python floats every step would sync a GPU.
-        for role, terms in step.losses.items():
-            for term, value in terms.items():
-                _accumulate(sums, counts, f"train/{role}/loss_{term}", value.detach())
-            _accumulate(sums, counts, f"train/{role}/loss", sum(t.detach() for t in terms.values()))
-        for signal, value in step.signals.items():
-            _accumulate(sums, counts, f"signal/{signal}", value)
-        images += len(y)
+        rates.apply(optimizers, epoch, index)
+        tally.add(train_step(method, optimizers, x, y, epoch_value, runtime, replicas=replicas), index)
+        tally.images += len(y)
         if progress is not None:
             progress.update(1)
-            if index % 10 == 0 or index == steps - 1:
-                elapsed = time.perf_counter() - started
-                progress.set_postfix({"img/s": f"{images * runtime.world_size / max(elapsed, 1e-9):.0f}",
-                                      **{k.split("/")[1]: f"{float(sums[k]) / counts[k]:.3f}"
-                                         for k in sums if k.endswith("/loss")}}, refresh=False)
+            if index % 10 == 0:
+                images_per_s = tally.images * runtime.world_size / max(time.perf_counter() - started, 1e-9)
+                progress.set_postfix({"img/s": f"{images_per_s:.0f}"}, refresh=False)
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)  # the kernels queued above are the epoch's real cost
-    seconds = time.perf_counter() - started
-    row = {key: float(sums[key]) / counts[key] for key in sums}
-    row.update({f"lr/{role}": optimizer.param_groups[0]["lr"] for role, optimizer in optimizers.items()})
-    row.update({"time/train_s": seconds, "time/images_per_s": images * runtime.world_size / max(seconds, 1e-9)})
+    tally.seconds = time.perf_counter() - started
+    return tally
+
+
+def epoch_row(tally: EpochTally, method: Method, epoch: int, rates: LearningRates, runtime: Runtime) -> dict[str, float]:
+    """The epoch's mean losses and signals, learning rates and timing (the epoch's one read of the device);
+    ``DivergedError`` naming the first step, role and term that went NaN or infinite."""
+    result = tally.result()
+    if result.divergence is not None:
+        bad = result.divergence
+        raise DivergedError(f"training diverged at epoch {epoch}, step {bad.step}: method {method.name}, role "
+                            f"{bad.role}, loss term {bad.term!r} is {bad.value}. Lower the learning rate "
+                            f"(recipe.optimizer.lr or recipe.roles.{bad.role}.lr), or the method's coefficients; "
+                            f"the last good checkpoint is kept")
+    row = {"epoch": epoch, **result.means, **{f"lr/{role}": lr for role, lr in rates.last_of_epoch(epoch).items()}}
+    row.update({"time/train_s": tally.seconds,
+                "time/images_per_s": tally.images * runtime.world_size / max(tally.seconds, 1e-9)})
     return row
 
 
-def _accumulate(sums: dict[str, Any], counts: dict[str, int], key: str, value: Tensor | float) -> None:
-    sums[key] = sums[key] + (value.detach().float() if torch.is_tensor(value) else value)
-    counts[key] += 1
+@dataclass
+class Run:
+    """What one run trains with, and how far it has come."""
+
+    config: Config
+    spec: RunSpec
+    runtime: Runtime
+    method: Method
+    optimizers: dict[str, torch.optim.Optimizer]
+    rates: LearningRates
+    replicas: Replicas | None
+    frozen: list[nn.Module]  # networks that never change: left out of checkpoints
+    train_batches: Batches
+    eval_batches: dict[str, Batches]
+    selection: str  # "val" or "test": where the best epoch is chosen
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "score": -math.inf})
+    start_epoch: int = 1
+    tracker_key: Any = None
+    fixed_logits: Logits = field(default_factory=dict)  # of the frozen networks, computed once
+
+    def evaluated(self, epoch: int) -> bool:
+        return epoch % self.config.recipe.eval_every == 0 or epoch == self.config.recipe.epochs
+
+
+def start(config: Config, spec: RunSpec) -> Run:
+    """The run's runtime, data, method and optimisers, nothing trained yet."""
+    runtime = resolve_runtime(config.runtime)
+    if config.runtime.threads > 0:
+        torch.set_num_threads(config.runtime.threads)
+    seed_everything(spec.seed, config.runtime.deterministic)
+    get_method(spec.method).parse_params(config.methods.get(spec.method))  # fail on a bad coefficient before any I/O
+
+    prepared = load_prepared(config.dataset.prepared_dir)
+    train_batches, eval_batches = make_loaders(
+        prepared, config.dataset, batch_size=config.recipe.batch_size, eval_batch_size=config.recipe.eval_batch_size,
+        device=runtime.device, seed=spec.seed, channels_last=runtime.channels_last,
+        num_workers=config.runtime.num_workers, rank=runtime.rank, world_size=runtime.world_size,
+        dtype=runtime.amp_dtype)
+    method = build_method(config, spec.method, make_networks(config, prepared.num_classes, prepared.in_channels,
+                                                             runtime.device))
+    method.to(runtime.device)
+    if runtime.channels_last:
+        method.to(memory_format=torch.channels_last)
+    frozen = prepare_frozen(method, runtime, next(iter(eval_batches.values())))  # folded and cast once, on a GPU
+    optimizers = {role: make_optimizer(module, config.recipe.optimizer_for(role))
+                  for role, module in method.roles().items()}
+    rates = LearningRates.for_recipe(config.recipe, list(optimizers), len(train_batches))
+    # torchrun: the roles replicated over the ranks (reproduce/distributed.py); None in one process.
+    replicas = make_replicas(method, runtime, sync_batchnorm=config.runtime.sync_batchnorm, quiet=config.runtime.quiet)
+    # The papers' protocol trains on the whole training set and picks the best epoch on test; with a
+    # validation split the best epoch is picked there. The two are reported under different names.
+    selection = "val" if "val" in eval_batches else "test"
+    return Run(config, spec, runtime, method, optimizers, rates, replicas, frozen, train_batches, eval_batches,
+               selection)
+
+
+def run_epoch(run: Run, epoch: int, tracker: Tracker, bar: "tqdm | None", writer: BackgroundWriter) -> dict[str, float]:
+    """Train one epoch, evaluate it if it is due, record it and checkpoint it; returns its row."""
+    tally = train_epoch(run.method, run.optimizers, run.train_batches, epoch, run.rates, run.runtime,
+                        replicas=run.replicas, progress=bar)
+    row = epoch_row(tally, run.method, epoch, run.rates, run.runtime)  # raises if the epoch diverged
+    if run.replicas is not None:
+        run.replicas.share_buffers()
+    best_files = None
+    if run.evaluated(epoch):
+        metrics, logits, labels = evaluate(run.method, run.eval_batches, run.runtime, run.fixed_logits)
+        row.update(metrics)
+        score = row[f"{run.selection}/{run.method.primary}/top1"]
+        if score > run.best["score"]:
+            run.best = {"epoch": epoch, "score": score}
+            best_files = {"logits": to_host(logits), "labels": host_copy(labels), "epoch": epoch}
+    run.history.append(row)
+    tracker.log_epoch(row)
+    if run.runtime.is_main:
+        write_table(run.spec.run_dir / "history.tsv", run.history)
+        write_checkpoint(run, epoch, tracker.key, best_files, writer)
+        report_epoch(bar, row, run.method, run.config)
+    return row
+
+
+def write_checkpoint(run: Run, epoch: int, tracker_key: Any, best_files: dict[str, Any] | None,
+                     writer: BackgroundWriter) -> None:
+    """The epoch's files, copied to the host now and written by the background writer: best.pt and its
+    predictions when the epoch is the best so far, then last.pt."""
+    state = checkpoint_state(config=run.config, spec=run.spec, epoch=epoch, method=run.method,
+                             optimizers=run.optimizers, history=run.history, best=run.best, tracker_key=tracker_key,
+                             frozen=run.frozen)
+    best_networks = None if best_files is None else host_copy(
+        {name: network.state_dict() for name, network in run.method.eval_networks().items()})
+    directory = run.spec.checkpoint_dir
+
+    def job() -> None:
+        if best_networks is not None:
+            save_networks(best_networks, run.config, directory / "best.pt", epoch)
+            atomic_torch_save(best_files, directory / "best_predictions.pt")
+        atomic_torch_save(state, directory / "last.pt")
+
+    writer.submit(job)
 
 
 def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epoch: int | None = None,
@@ -94,90 +200,49 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
     as a pre-emptible job would; the next call resumes from the checkpoint. ``parent``: a tracked run
     this one nests under (a sweep's study).
     """
-    runtime = resolve_runtime(config.runtime)
-    if config.runtime.threads > 0:
-        torch.set_num_threads(config.runtime.threads)
-    seed_everything(spec.seed, config.runtime.deterministic)
-    method_cls = get_method(spec.method)
-    method_cls.parse_params(config.methods.get(spec.method))  # fail on a bad coefficient before any I/O
-
-    prepared = load_prepared(config.dataset.prepared_dir)
-    train_batches, eval_batches = make_loaders(
-        prepared, config.dataset, batch_size=config.recipe.batch_size, eval_batch_size=config.recipe.eval_batch_size,
-        device=runtime.device, seed=spec.seed, channels_last=runtime.channels_last,
-        num_workers=config.runtime.num_workers, rank=runtime.rank, world_size=runtime.world_size)
-    # The papers' protocol trains on the whole training set and picks the best epoch on test; with a
-    # validation split the best epoch is picked there. The two are reported under different names.
-    selection = "val" if "val" in eval_batches else "test"
-    best_key = BEST_KEYS[selection]
-
-    method = build_method(config, spec.method, make_networks(config, prepared.num_classes, prepared.in_channels,
-                                                             runtime.device))
-    method.to(runtime.device)
-    if runtime.channels_last:
-        method.to(memory_format=torch.channels_last)
-    optimizers = {role: make_optimizer(module, config.recipe.optimizer_for(role))
-                  for role, module in method.roles().items()}
-    # torchrun: the roles replicated over the ranks (reproduce/distributed.py); None in one process.
-    replicas = make_replicas(method, runtime, sync_batchnorm=config.runtime.sync_batchnorm, quiet=config.runtime.quiet)
-
+    run = start(config, spec)
     state = load_checkpoint(spec, config, resume)
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"epoch": 0, "score": -math.inf}
-    start_epoch, tracker_key = 1, None
     if state is not None:
         if state["epoch"] >= config.recipe.epochs and (spec.run_dir / "metrics.json").is_file():
             print(f"[reproduce] {spec.run_dir}: already done ({state['epoch']} epochs, same configuration); "
                   f"--resume never trains it again", flush=True)
-            return json.loads((spec.run_dir / "metrics.json").read_text())
-        restore(state, method, optimizers)
-        history, best, tracker_key = state["history"], state["best"], state["tracker_key"]
-        start_epoch = state["epoch"] + 1
-    if runtime.compile:
-        for network in method.eval_networks().values():
+            summary = json.loads((spec.run_dir / "metrics.json").read_text())
+            # a killed process or an outage may have kept the trackers from the end of the run
+            repair_finished_run(state["tracker_key"], state["history"], summary, enabled=track and run.runtime.is_main)
+            return summary
+        restore(state, run.method, run.optimizers, run.frozen, spec.checkpoint_dir / "last.pt")
+        run.history, run.best, run.tracker_key = state["history"], state["best"], state["tracker_key"]
+        run.start_epoch = state["epoch"] + 1
+    if run.runtime.compile:
+        for network in run.method.eval_networks().values():
             network.compile()
 
     tags = {"method": spec.method, "seed": str(spec.seed), "dataset": config.dataset.name,
-            "teacher": config.models.teacher, "student": config.models.student, "selection": selection}
-    tracker = Tracker(config.tracking, run_dir=spec.run_dir, run_name=spec.name, tags=tags,
-                      params={**config.to_dict(), "run": {**tags, **git_commit()}}, resume_key=tracker_key,
-                      enabled=track and runtime.is_main, parent=parent)
-    if history and runtime.is_main:  # resumed: DVC may have deleted the interrupted run's outputs
-        write_table(spec.run_dir / "history.tsv", history)
-    primary_score = f"{selection}/{method.primary}/top1"
-    bar = epoch_bar(config, runtime, spec, start_epoch, len(train_batches))
-
-    fixed_logits: dict[str, dict[str, Tensor]] = {}
+            "teacher": config.models.teacher, "student": config.models.student, "selection": run.selection}
+    tracker = Tracker(config.tracking, run_dir=spec.run_dir, run_name=spec.name,
+                      tags={**tags, "config_hash": fingerprint(resume_key(config, spec)["config"])},
+                      params=training_params(config, spec.method, tags), resume_key=run.tracker_key,
+                      enabled=track and run.runtime.is_main, parent=parent, history=run.history)
+    if run.history and run.runtime.is_main:  # resumed: DVC may have deleted the interrupted run's outputs
+        write_table(spec.run_dir / "history.tsv", run.history)
+    bar = epoch_bar(config, run.runtime, spec, run.start_epoch, len(run.train_batches))
+    writer = BackgroundWriter()
     try:
-        for epoch in range(start_epoch, config.recipe.epochs + 1):
-            row: dict[str, float] = {"epoch": epoch}
-            row.update(train_epoch(method, optimizers, train_batches, epoch, config, runtime, bar, replicas))
-            if replicas is not None:
-                replicas.share_buffers()
-            metrics, logits, labels = evaluate(method, eval_batches, runtime, fixed_logits)
-            row.update(metrics)
-            history.append(row)
-            if row[primary_score] > best["score"]:
-                best = {"epoch": epoch, "score": row[primary_score]}
-                if runtime.is_main:
-                    save_networks(method, config, spec.checkpoint_dir / "best.pt", epoch)
-                    atomic_torch_save({"logits": logits, "labels": labels, "epoch": epoch},
-                                      spec.checkpoint_dir / "best_predictions.pt")
-            tracker.log_epoch(row)
-            if runtime.is_main:
-                write_table(spec.run_dir / "history.tsv", history)
-                save_checkpoint(spec.checkpoint_dir / "last.pt", config=config, spec=spec, epoch=epoch, method=method,
-                                optimizers=optimizers, history=history, best=best, tracker_key=tracker.key)
-                report_epoch(bar, row, method, config)
+        for epoch in range(run.start_epoch, config.recipe.epochs + 1):
+            row = run_epoch(run, epoch, tracker, bar, writer)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, row)
             if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < config.recipe.epochs:
+                writer.wait()
                 tracker.suspend()
                 return {"stopped_after_epoch": epoch}
-        if not history:
+        if not run.history:
             raise ConfigError("recipe.epochs must be at least 1")
-        summary = finish(method, config, spec, tracker, eval_batches, runtime, history, best, best_key)
+        writer.wait()  # finish reads best.pt
+        summary = finish(run.method, config, spec, tracker, run.eval_batches, run.runtime, run.history, run.best,
+                         BEST_KEYS[run.selection])
     except BaseException as error:
+        writer.wait(raise_error=False)  # the last good checkpoint is whole on disk before the run ends
         tracker.finish({}, status=getattr(error, "tracking_status", "failed"))
         raise
     finally:

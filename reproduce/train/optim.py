@@ -1,4 +1,4 @@
-"""One optimiser per role, and learning rates as a pure function of training progress."""
+"""One optimiser per role, and learning rates as a pure function of training progress, looked up per step."""
 
 from __future__ import annotations
 
@@ -35,9 +35,37 @@ def learning_rate(base_lr: float, schedule: ScheduleConfig, epochs: int, epoch: 
     return base_lr * factor
 
 
-def set_learning_rates(optimizers: dict[str, torch.optim.Optimizer], recipe: RecipeConfig, epoch: int,
-                       fraction: float) -> None:
-    for role, optimizer in optimizers.items():
-        lr = learning_rate(recipe.optimizer_for(role).lr, recipe.schedule, recipe.epochs, epoch, fraction)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+class LearningRates:
+    """Every role's learning rate at every step, from the recipe read once (``learning_rate`` of the role's
+    base rate): ``apply`` at each step only looks a number up. An optimiser whose learning rate is a tensor
+    (a compiled step's, so that a new rate is not a new graph) has it filled in place."""
+
+    def __init__(self, base: dict[str, float], schedule: ScheduleConfig, epochs: int, steps_per_epoch: int) -> None:
+        self.base, self.schedule, self.epochs, self.steps = base, schedule, epochs, steps_per_epoch
+        self._epoch, self._rates = 0, {role: [] for role in base}
+
+    @classmethod
+    def for_recipe(cls, recipe: RecipeConfig, roles: list[str], steps_per_epoch: int) -> "LearningRates":
+        """Each role's base rate (``recipe.roles`` over ``recipe.optimizer``) on the recipe's schedule."""
+        return cls({role: recipe.optimizer_for(role).lr for role in roles}, recipe.schedule, recipe.epochs,
+                   steps_per_epoch)
+
+    def of_epoch(self, epoch: int) -> dict[str, list[float]]:
+        """Each role's rate at every step of ``epoch`` (computed once per epoch)."""
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._rates = {role: [learning_rate(base, self.schedule, self.epochs, epoch, index / self.steps)
+                                  for index in range(self.steps)] for role, base in self.base.items()}
+        return self._rates
+
+    def apply(self, optimizers: dict[str, torch.optim.Optimizer], epoch: int, index: int) -> None:
+        rates = self.of_epoch(epoch)
+        for role, optimizer in optimizers.items():
+            for group in optimizer.param_groups:
+                if torch.is_tensor(group["lr"]):
+                    group["lr"].fill_(rates[role][index])
+                else:
+                    group["lr"] = rates[role][index]
+
+    def last_of_epoch(self, epoch: int) -> dict[str, float]:
+        return {role: rates[-1] for role, rates in self.of_epoch(epoch).items()}

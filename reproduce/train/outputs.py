@@ -22,7 +22,7 @@ from reproduce.methods.base import Method
 from reproduce.runtime import Runtime
 from reproduce.tracking import Tracker, git_commit
 from reproduce.train.checkpoint import load_state, save_networks
-from reproduce.train.evaluate import evaluate
+from reproduce.train.evaluate import evaluate, to_host
 from reproduce.train.spec import RunSpec
 
 BEST_KEYS = {"val": "best", "test": "best_test_selected"}  # metrics.json's name for the best epoch, by selection
@@ -49,12 +49,14 @@ def finish(method: Method, config: Config, spec: RunSpec, tracker: Tracker, eval
     if runtime.is_main:
         # Last-epoch logits are recomputed here so a run resumed after its final epoch still has them.
         _, last_logits, labels = evaluate(method, eval_batches, runtime)
+        last_logits, labels = to_host(last_logits), {split: values.cpu() for split, values in labels.items()}
         best_predictions = load_state(spec.checkpoint_dir / "best_predictions.pt", "predictions file",
                                       "rerun with --resume never")
         atomic_torch_save({"labels": labels, "last": last_logits, "best": best_predictions["logits"],
                            "best_epoch": best["epoch"], "last_epoch": last_row["epoch"],
                            "selection": summary["selection"]}, spec.run_dir / "predictions.pt")
-        save_networks(method, config, spec.run_dir / "final.pt", int(last_row["epoch"]))
+        save_networks({name: network.state_dict() for name, network in method.eval_networks().items()}, config,
+                      spec.run_dir / "final.pt", int(last_row["epoch"]))
         (spec.run_dir / "best.pt").write_bytes((spec.checkpoint_dir / "best.pt").read_bytes())
         save_code(spec.run_dir / "code.tar.gz")
         for name, path in method.end_of_training(spec.run_dir).items():

@@ -1,11 +1,27 @@
 """One training step, top to bottom: the page a method author reads.
 
-A method computes named losses per role (reproduce/methods/base.py); this file turns them into one
-update of every role the step asks to update."""
+A method computes named losses per role (reproduce/methods/base.py); ``train_step`` turns them into one
+update of every role::
+
+    step = method.step(x, y, epoch)           # losses per role; every peer target detached inside them
+    sum(the updated roles' losses).backward() # one backward: a role's loss reaches only its own weights
+    replicas.average_gradients(...)           # under torchrun only (reproduce/distributed.py)
+    optimizers[role].step()                   # for every updated role; a gated role keeps it only where
+                                              # its gate is on
+
+Which roles a step updates: every role, unless the method names them in ``Step.update`` (a Python decision)
+or gates one with ``Step.gates`` (a decision on the device: SwitOKD's paused teacher). A gated role's
+optimiser steps as usual and its parameters and optimiser state are then put back where the gate is off,
+so it gets no update, no momentum and no weight decay, without the host ever reading the decision.
+
+Nothing here reads a value back from the device. A NaN or infinite loss is not checked here: the loop
+records every loss term of every step on the device (reproduce/train/tally.py) and raises ``DivergedError``
+at the end of the epoch, naming the first step, role and term that went non-finite. The steps after it run
+on (with NaN weights), and that epoch is never recorded or checkpointed, so the last good checkpoint, the
+previous epoch's, is what stays on disk.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,51 +32,56 @@ from reproduce.runtime import Runtime
 
 
 class DivergedError(RuntimeError):
-    """A loss became NaN or infinite: training stops at once (the last good checkpoint stays)."""
+    """A loss became NaN or infinite: the run stops at the end of that epoch (the last good checkpoint stays)."""
 
 
-def train_step(method: Method, optimizers: dict[str, torch.optim.Optimizer], x: Tensor, y: Tensor, epoch: int,
-               runtime: Runtime, index: int | None = None, replicas: Replicas | None = None) -> Step:
-    """One optimisation step, top to bottom: the method's losses, one backward, the updated roles step.
-
-    Every peer target is detached inside the losses, so the sum of the updated roles' losses has
-    gradients only in their own parameters; a role left out of ``step.update`` gets no gradient, no
-    momentum and no weight decay. ``index`` (the step within the epoch) only names the step in errors.
-    ``replicas`` (torchrun, reproduce/distributed.py) averages the updated roles' gradients over the ranks."""
+def train_step(method: Method, optimizers: dict[str, torch.optim.Optimizer], x: Tensor, y: Tensor,
+               epoch: int | Tensor, runtime: Runtime, replicas: Replicas | None = None) -> Step:
+    """One optimisation step of every role the method's step updates; returns the method's ``Step``."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
                         enabled=runtime.amp_dtype is not None):
         step = method.step(x, y, epoch)
-    _check_finite(step, method, epoch, index)
-    update = _roles_to_update(step.update, optimizers)
-    total = sum(sum(step.losses[role].values()) for role in update if role in step.losses)
+    roles = roles_to_update(step, optimizers)
+    total = sum(sum(step.losses[role].values()) for role in roles if role in step.losses)
     if torch.is_tensor(total):  # zero when no role trains this step
         total.backward()
-    if replicas is not None:  # the ranks' mean gradient; the roles' agreement checked if the method names them
-        replicas.average_gradients(update, check=step.update is not None)
-    for role in update:
-        optimizers[role].step()
+    if replicas is not None:  # the ranks' mean gradient; their agreement checked when the method names roles
+        replicas.average_gradients(roles, check=step.update is not None)
+    for role in roles:
+        if role in step.gates:
+            gated_update(optimizers[role], step.gates[role])
+        else:
+            optimizers[role].step()
     return step
 
 
-def _check_finite(step: Step, method: Method, epoch: int, index: int | None) -> None:
-    terms = [(role, term, value) for role, losses in step.losses.items() for term, value in losses.items()]
-    if not terms:
-        return
-    # One host sync per step: the price of stopping at the step that diverged, before it is applied.
-    if bool(torch.stack([value.detach().float() for _, _, value in terms]).isfinite().all()):
-        return
-    role, term, value = next((r, t, v) for r, t, v in terms if not bool(v.detach().float().isfinite()))
-    where = f"epoch {epoch}" + (f", step {index + 1}" if index is not None else "")
-    raise DivergedError(f"training diverged at {where}: method {method.name}, role {role}, loss term {term!r} is "
-                        f"{float(value.detach())}. Lower the learning rate (recipe.optimizer.lr or recipe.roles.{role}.lr), "
-                        f"or the method's coefficients; the last good checkpoint is kept")
-
-
-def _roles_to_update(requested: frozenset[str] | None, optimizers: dict[str, Any]) -> list[str]:
-    roles = sorted(optimizers) if requested is None else sorted(requested)
-    unknown = set(roles) - set(optimizers)
+def roles_to_update(step: Step, optimizers: dict[str, torch.optim.Optimizer]) -> list[str]:
+    roles = sorted(optimizers) if step.update is None else sorted(step.update)
+    unknown = (set(roles) | set(step.gates)) - set(optimizers)
     if unknown:
         raise KeyError(f"step asked to update unknown roles {sorted(unknown)}; roles are {sorted(optimizers)}")
     return roles
+
+
+def gated_update(optimizer: torch.optim.Optimizer, gate: Tensor) -> None:
+    """``optimizer.step()`` kept only where ``gate`` (a 0-d bool tensor) is True: otherwise its parameters and
+    state are put back as they were. State this step created (SGD's momentum at its first update) goes back
+    to zeros, which SGD without dampening, and AdamW, treat exactly as no state."""
+    before = _tensors(optimizer)
+    with torch.no_grad():
+        kept = torch._foreach_mul(before, 1.0)  # copies, -0.0 and NaN included, in one multi-tensor op
+    optimizer.step()
+    existing = {id(tensor) for tensor in before}
+    created = [tensor for tensor in _tensors(optimizer) if id(tensor) not in existing]
+    with torch.no_grad():
+        torch._foreach_copy_(before + created, [torch.where(gate, tensor, old) for tensor, old in zip(before, kept)]
+                             + [torch.where(gate, tensor, 0.0) for tensor in created])
+
+
+def _tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every parameter of the optimiser and every tensor of its state."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = [value for p in params for value in optimizer.state.get(p, {}).values() if torch.is_tensor(value)]
+    return params + state
