@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tarfile
 import urllib.error
@@ -253,3 +254,15 @@ def test_a_recipe_distils_from_its_released_teacher_or_trains_one(tmp_path: Path
     assert "methods: vanilla, kd, dkd" in capsys.readouterr().out  # no teacher to train
     assert main([*recipe, "--dry-run", "--set", "teacher.checkpoint=null"]) == 0
     assert "methods: teacher, vanilla, kd, dkd" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_records_the_teacher_it_distilled_from(prepared_root: Path, tmp_path: Path) -> None:
+    from reproduce.train import RunSpec, train
+
+    path, reference = crd_file(tmp_path / "teacher.pth", "resnet8", *DIGITS)
+    config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 1}, teacher={"checkpoint": str(path)})
+    summary = train(config, RunSpec("kd", 0, tmp_path / "run", tmp_path / "checkpoints"), track=False)
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["teacher_source"]
+    assert recorded == summary["teacher_source"] == load_pretrained("resnet8", path, *DIGITS).source.to_dict()
+    assert recorded["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and recorded["layout"] == "crd"

@@ -33,6 +33,7 @@ def finish(method: Method, config: Config, spec: RunSpec, tracker: Tracker, eval
     """Write the run's outputs: weights (last and best), logits, method artefacts, metrics.json."""
     last_row = history[-1]
     best_row = next(row for row in history if row["epoch"] == best["epoch"])
+    teacher = method.eval_networks().get("teacher")  # a loaded (pretrained) teacher carries its provenance
     summary = {
         "method": spec.method, "seed": spec.seed, "dataset": config.dataset.name,
         "teacher": config.models.teacher, "student": config.models.student,
@@ -45,6 +46,7 @@ def finish(method: Method, config: Config, spec: RunSpec, tracker: Tracker, eval
                  "images_per_s": sum(row["time/images_per_s"] for row in history) / len(history)},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "device": str(runtime.device), **git_commit()},
+        "teacher_source": teacher.source.to_dict() if getattr(teacher, "source", None) else None,
     }
     if runtime.is_main:
         # Last-epoch logits are recomputed here so a run resumed after its final epoch still has them.
