@@ -29,7 +29,7 @@ class Command:
 
 
 def plain(doc: str) -> str:
-    """A command module's docstring as --help text: without its ````python -m reproduce X``: `` opening."""
+    """A command module's docstring as --help text, without its opening "``python -m reproduce X``: "."""
     text = re.sub(r"^``[^`]*``:\s*", "", doc.strip())
     return text[:1].upper() + text[1:]
 
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="`python -m reproduce COMMAND --help` describes a command.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        command.add_arguments(commands.add_parser(name, help=command.help, description=plain(command.description or command.help),
+        description = plain(command.description or command.help)
+        command.add_arguments(commands.add_parser(name, help=command.help, description=description,
                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     from reproduce.numerics import pin_cpu_numerics

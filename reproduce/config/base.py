@@ -16,7 +16,8 @@ import re
 import typing
 from typing import Annotated, Any, ClassVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict, TypeAdapter, ValidationError,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from reproduce.errors import ConfigError
@@ -40,7 +41,7 @@ def _number_text(value: Any) -> Any:
 
 Integer = Annotated[int, BeforeValidator(_integral_float), Strict()]
 Number = Annotated[float, BeforeValidator(_number_text), Strict()]  # int or float; never a bool
-Flag = Annotated[bool, Strict()]  # true or false, nothing YAML would not read as a boolean
+Flag = Annotated[bool, Strict()]  # true or false only (YAML has already read yes/on/no/off as booleans)
 
 
 def _range(check: Any, text: str) -> AfterValidator:
@@ -111,7 +112,8 @@ class Section(BaseModel, metaclass=_ConfigErrorOnCall):
         if isinstance(raw, dict):
             for key in raw:
                 if key not in cls.model_fields:
-                    raise PydanticCustomError("unknown_key", "unknown key", {"key": str(key), "known": list(cls.model_fields)})
+                    raise PydanticCustomError("unknown_key", "unknown key",
+                                              {"key": str(key), "known": list(cls.model_fields)})
         return raw
 
 

@@ -89,4 +89,5 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(text)
     except yaml.YAMLError:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it, e.g. {key}='\"{text}\"'") from None
+        raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it, "
+                          f"e.g. {key}='\"{text}\"'") from None

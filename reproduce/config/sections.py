@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from reproduce.config.base import (ConfigError, Flag, Integer, Number, Section, at_least, fraction, matching, positive, switch_bf16,
-                                   switch_on, validate_section)
+from reproduce.config.base import (ConfigError, Flag, Integer, Number, Section, at_least, fraction, matching, positive,
+                                   switch_bf16, switch_on, validate_section)
 
 
 class AugmentConfig(Section):

@@ -47,7 +47,8 @@ class SweepConfig(Section):
     epochs_per_trial: Annotated[Integer, at_least(1)] = 3  # replaces recipe.epochs for every trial
     seed: Integer = 0  # training seed of every trial (trials differ only by their parameters)
     multi_objective: Flag = False  # maximise val top-1 and minimise val ECE (Pareto front, no pruning)
-    workers: Annotated[Integer, at_least(1)] = 1  # processes on this machine; more machines join with the same --storage
+    # Processes on this machine; more machines join with the same --storage.
+    workers: Annotated[Integer, at_least(1)] = 1
     storage: str = "sqlite:///studies/{method}.db"  # RDB URL or journal:PATH; {method} is filled in
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
