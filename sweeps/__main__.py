@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from reproduce.config import Config, ConfigError, load_config
-from reproduce.errors import UserError
+from reproduce.errors import ConfigError, UserError
+
+if TYPE_CHECKING:  # the config's pydantic models are loaded by a command, not by --help
+    from reproduce.config import Config
 
 DESCRIPTION = """\
 Optuna studies over a method's coefficients (search spaces: each method's own, `python -m reproduce
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_config(args: argparse.Namespace) -> Config:
+    from reproduce.config import load_config
+
     overrides = list(args.overrides)
     if getattr(args, "workers", None) is not None:
         overrides.append(f"sweep.workers={args.workers}")
