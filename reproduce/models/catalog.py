@@ -91,7 +91,7 @@ def missing_teacher_message(path: str | Path) -> str:
         where = (f"it is {known.member} in {known.archive.url}: pass --download to the recipe command, or download "
                  f"the archive and unpack it into {_archive_root(path, known)}/")
     elif known is not None:
-        where = f"it is the official {known.arch} teacher: copy it to {known.path}"
+        where = f"it is the official {known.arch} teacher ({known.dataset}), distributed by hand: copy it there"
     else:
         where = "put the checkpoint there or point teacher.checkpoint at it"
     return f"teacher checkpoint {path} not found; {where}; or --set teacher.checkpoint=null trains the teacher first"
