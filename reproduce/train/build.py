@@ -95,7 +95,7 @@ def check_teacher(config: Config) -> TeacherCheck:
     prepared = load_prepared(config.dataset.prepared_dir)
     _, splits = make_loaders(prepared, config.dataset, batch_size=config.recipe.batch_size,
                              eval_batch_size=config.recipe.eval_batch_size, device=runtime.device, seed=0,
-                             channels_last=runtime.channels_last, num_workers=config.runtime.num_workers)
+                             channels_last=runtime.channels_last, num_workers=config.runtime.loader_workers)
     teacher = load_configured_teacher(config, prepared.num_classes, prepared.in_channels).to(runtime.device)
     logits, labels = predict({"teacher": teacher}, splits["test"], runtime.amp_dtype, runtime.device)
     metrics = classification_metrics(logits["teacher"], labels)

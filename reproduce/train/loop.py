@@ -126,7 +126,7 @@ def start(config: Config, spec: RunSpec) -> Run:
     train_batches, eval_batches = make_loaders(
         prepared, config.dataset, batch_size=config.recipe.batch_size, eval_batch_size=config.recipe.eval_batch_size,
         device=runtime.device, seed=spec.seed, channels_last=runtime.channels_last,
-        num_workers=config.runtime.num_workers, rank=runtime.rank, world_size=runtime.world_size,
+        num_workers=config.runtime.loader_workers, rank=runtime.rank, world_size=runtime.world_size,
         dtype=runtime.amp_dtype)
     method = build_method(config, spec.method, make_networks(config, prepared.num_classes, prepared.in_channels,
                                                              runtime.device))
