@@ -253,3 +253,59 @@ def test_a_finished_run_says_it_is_done_instead_of_training_again(prepared_root:
     first = train(config, spec, track=False)
     again = train(config, spec, track=False)
     assert "already done" in capsys.readouterr().out and again == json.loads(json.dumps(first))
+
+
+def test_learning_rates_are_looked_up_per_step_from_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every step's rate is ``learning_rate`` at that point of the run, and no step rebuilds a config object."""
+    from reproduce.config import RecipeConfig
+    from reproduce.train import LearningRates
+
+    recipe = tiny_config(Path("."), Path("."), recipe={"epochs": 4, "roles": {"teacher": {"lr": 0.2}},
+                                                      "schedule": {"name": "cosine", "warmup_epochs": 1}}).recipe
+    rates = LearningRates.for_recipe(recipe, ["student", "teacher"], steps_per_epoch=5)
+    optimizers = {role: torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for role in ("student", "teacher")}
+    built = []
+    monkeypatch.setattr(RecipeConfig, "optimizer_for", lambda self, role: built.append(role))
+    for epoch in range(1, 5):
+        for index in range(5):
+            rates.apply(optimizers, epoch, index)
+            for role, base in (("student", 0.05), ("teacher", 0.2)):
+                expected = learning_rate(base, recipe.schedule, 4, epoch, index / 5)
+                assert optimizers[role].param_groups[0]["lr"] == expected
+    assert built == []
+    assert rates.last_of_epoch(2) == {"student": learning_rate(0.05, recipe.schedule, 4, 2, 0.8),
+                                      "teacher": learning_rate(0.2, recipe.schedule, 4, 2, 0.8)}
+
+
+def test_the_background_writer_writes_off_the_training_thread_and_reports_its_errors() -> None:
+    import threading
+
+    from reproduce.train.checkpoint import BackgroundWriter
+
+    writer, threads = BackgroundWriter(), []
+    writer.submit(lambda: threads.append(threading.current_thread()))
+    writer.wait()
+    assert threads and threads[0] is not threading.current_thread()
+
+    def failing() -> None:
+        raise OSError("disk full")
+
+    writer.submit(failing)
+    with pytest.raises(OSError, match="disk full"):
+        writer.submit(lambda: None)  # the next submit waits for the failed job and raises its error
+    writer.submit(failing)
+    writer.wait(raise_error=False)  # on the way out of a failed run: the run's own error wins
+    writer.wait()
+
+
+@pytest.mark.slow
+def test_evaluation_every_k_epochs_and_always_the_last(prepared_root: Path, tmp_path: Path) -> None:
+    config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 5, "eval_every": 2})
+    spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
+    summary = train(config, spec, track=False)
+    history = _history(spec.run_dir)
+    evaluated = [int(row["epoch"]) for row in history if row["test/student/top1"]]
+    assert [int(row["epoch"]) for row in history] == [1, 2, 3, 4, 5] and evaluated == [2, 4, 5]
+    assert all(row["train/student/loss"] for row in history)  # every epoch still trains and is recorded
+    val = {int(row["epoch"]): float(row["val/student/top1"]) for row in history if row["val/student/top1"]}
+    assert summary["best"]["epoch"] == max(val, key=val.get) and summary["last"]["epoch"] == 5

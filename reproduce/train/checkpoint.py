@@ -115,11 +115,11 @@ def restore(state: dict[str, Any], method: Method, optimizers: dict[str, torch.o
     if state["frozen"] != frozen_digest(frozen):
         raise CheckpointError(f"{path}: the frozen teacher loaded now is not the one this run trained with (its "
                               f"sha256 differs); point the teacher back at that file, or rerun with --resume never")
-    expected = set(method.state_dict()) - set(trainable_state(method, frozen))
+    left_out = set(method.state_dict()) - set(trainable_state(method, frozen))
     missing, unexpected = method.load_state_dict(state["method"], strict=False)
-    if unexpected or set(missing) != expected:
+    if unexpected or set(missing) - left_out:
         raise CheckpointError(f"{path}: this checkpoint does not fit the method's networks (missing "
-                              f"{sorted(set(missing) - expected)[:3]}, unexpected {sorted(unexpected)[:3]}); rerun "
+                              f"{sorted(set(missing) - left_out)[:3]}, unexpected {sorted(unexpected)[:3]}); rerun "
                               f"with --resume never")
     for role, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][role])

@@ -13,8 +13,10 @@ about 1e-6 relative). A network whose BatchNorms still learn statistics in train
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -29,31 +31,25 @@ def frozen_networks(method: Method) -> list[nn.Module]:
 
 
 def fold_batchnorms(network: nn.Module, example: Tensor) -> int:
-    """Fold every BatchNorm2d whose input is the output of a Conv2d into that convolution, in place (the
-    network must be in eval mode); returns how many were folded. Which BatchNorm follows which convolution is
-    read from one forward of ``example``; the folded network's output on it is checked against the original."""
-    producers: dict[int, tuple[str, Tensor]] = {}  # the outputs are kept alive: an id is never reused
-    pairs: dict[str, str] = {}
-    calls: dict[str, int] = {}
-    hooks = []
-    for name, module in network.named_modules():
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(
-                lambda _m, _i, out, name=name: (producers.__setitem__(id(out), (name, out)),
-                                                calls.__setitem__(name, calls.get(name, 0) + 1))))
-        elif isinstance(module, nn.BatchNorm2d):
-            hooks.append(module.register_forward_pre_hook(
-                lambda _m, args, name=name: (calls.__setitem__(name, calls.get(name, 0) + 1),
-                                             id(args[0]) in producers and pairs.__setitem__(name, producers[id(args[0])][0]))))
+    """Fold into its convolution every BatchNorm2d that normalises a Conv2d's output used by nothing else, in
+    place (the network must be in eval mode); returns how many were folded. The pairs are read from the
+    network's traced graph (torch.fx): a convolution whose output also feeds a residual connection, as a
+    pre-activation block's input does, is left alone. The folded network's output on ``example`` is checked
+    against the original's."""
     with torch.no_grad():
         expected = network(example)
-    for hook in hooks:
-        hook.remove()
-    # Only a convolution and a BatchNorm each called once, the one straight after the other.
-    folded = {bn: conv for bn, conv in pairs.items() if calls[bn] == 1 and calls[conv] == 1}
+    modules = dict(network.named_modules())
+    nodes = list(torch.fx.symbolic_trace(network).graph.nodes)
+    called = Counter(node.target for node in nodes if node.op == "call_module")
+    folded = {}
+    for node in nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if (isinstance(modules.get(node.target), nn.BatchNorm2d) and isinstance(source, torch.fx.Node)
+                and source.op == "call_module" and isinstance(modules[source.target], nn.Conv2d)
+                and len(source.users) == 1 and called[node.target] == called[source.target] == 1):
+            folded[node.target] = source.target
     for bn_name, conv_name in folded.items():
-        conv, bn = network.get_submodule(conv_name), network.get_submodule(bn_name)
-        _replace(network, conv_name, fuse_conv_bn_eval(conv, bn))
+        _replace(network, conv_name, fuse_conv_bn_eval(modules[conv_name], modules[bn_name]))
         _replace(network, bn_name, nn.Identity())
     with torch.no_grad():
         torch.testing.assert_close(network(example), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
