@@ -48,9 +48,10 @@ def mlflow_store(tmp_path: Path, empty_mlflow_store: Path) -> Path:
 
 @pytest.fixture
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: Path) -> Path:
-    """The config's MLflow URI (not the session's), and W&B runs under tmp_path/wandb."""
+    """The config's MLflow URI (not the session's), W&B runs under tmp_path/wandb, the ledger in tmp_path."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("REPRODUCE_TRACKING_DIR", str(tmp_path / "tracking-state"))
     return tmp_path
 
 

@@ -12,8 +12,8 @@
 from reproduce.tracking.backend import BACKENDS, RUN_KEY_TAG, Backend, RunInfo, flatten
 from reproduce.tracking.provenance import fingerprint, git_commit, training_params
 from reproduce.tracking.repair import repair_finished_run, sync
-from reproduce.tracking.tracker import CLOSE_TIMEOUT_S, Tracker
+from reproduce.tracking.tracker import CLOSE_TIMEOUT_S, Tracker, forget_outages
 from reproduce.tracking.wandb_file import read_wandb_offline_run
 
-__all__ = ["BACKENDS", "CLOSE_TIMEOUT_S", "RUN_KEY_TAG", "Backend", "RunInfo", "Tracker", "fingerprint", "flatten",
+__all__ = ["BACKENDS", "CLOSE_TIMEOUT_S", "RUN_KEY_TAG", "Backend", "RunInfo", "Tracker", "fingerprint", "flatten", "forget_outages",
            "git_commit", "read_wandb_offline_run", "repair_finished_run", "sync", "training_params"]

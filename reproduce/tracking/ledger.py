@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from reproduce.io import atomic_write_text
+from reproduce.io import atomic_write_text  # noqa: F401  (re-exported for tests that edit an entry)
 from reproduce.tracking.backend import RunInfo
 
 

@@ -143,8 +143,9 @@ class Tracker:
                               f"set REPRODUCE_TRACKING_DIR to a writable folder", stacklevel=3)
         for backend in backends:
             destination = f"{backend.label} {backend.destination(config)}"
-            if destination in _DOWN:
-                continue  # the ledger lists the run for this backend: sync sends it later
+            if destination in _DOWN:  # the ledger lists the run for this backend: sync sends it later
+                _quietly(ledger.note, info.key, backend.label, f"not sent: {_DOWN[destination]} earlier in this process")
+                continue
             channel = _Channel(backend, destination)
             channel.submit("start", backend.open)
             if history:
@@ -220,7 +221,7 @@ class Tracker:
 
     def _switch_off(self, destinations: list[str], labels: list[str], action: str, error: BaseException) -> None:
         """Turn ``destinations`` off for this process with one warning (none if they already were)."""
-        reason = f"{action} failed ({type(error).__name__}: {error})"
+        reason = f"{action} failed ({_describe(error)})"
         for label in labels:
             _quietly(ledger.note, self.key, label, reason)
         fresh = [destination for destination in destinations if destination not in _DOWN]
@@ -230,6 +231,15 @@ class Tracker:
             advice = "free some space, then run" if _disk_full(error) else "the runs it misses are kept for"
             warnings.warn(f"{names}: {reason}; {names} logging is off for the rest of this process ({advice} "
                           f"{SYNC_HINT})", stacklevel=5)
+
+
+def _describe(error: BaseException) -> str:
+    """The root cause in one line: libraries wrap a database error in two more, each with a traceback's
+    worth of text."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+    return f"{type(error).__name__}: {lines[0][:300]}"
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -265,6 +275,6 @@ def _exit_hook_runs_first() -> None:
     atexit.register(_suspend_open)
 
 
-def down_destinations() -> dict[str, str]:
-    """The destinations switched off in this process, with why (for messages and tests)."""
-    return dict(_DOWN)
+def forget_outages() -> None:
+    """Try every backend again from the next run on (a long-lived process whose server is back)."""
+    _DOWN.clear()

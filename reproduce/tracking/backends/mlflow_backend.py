@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -83,6 +84,9 @@ class MlflowBackend:
     def open(self) -> None:
         from mlflow.entities import Param
 
+        # The SQLite store logs a traceback for every database error before raising it (~80 lines for a
+        # full disk); the Tracker reports the error raised, in one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         with _first_use_lock(self.uri):
             self.client = _client(self.uri)
             experiment_id = self._experiment()

@@ -8,7 +8,9 @@ reports (``run.starting_step``)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,18 @@ from typing import Any
 from reproduce.config import TrackingConfig
 from reproduce.tracking.backend import BACKENDS, RunInfo, metric_values
 from reproduce.tracking.wandb_file import read_wandb_offline_run
+
+
+# W&B's writer drops records silently on a full disk, while its Python logger prints a ~30-line "Logging
+# error" for every line it cannot write (557 lines for one run); below this much free space the backend
+# stops first, with one line (the Tracker's disk-full message).
+MIN_FREE_BYTES = 1 << 20
+
+
+def require_space() -> None:
+    folder = wandb_dir() if wandb_dir().exists() else wandb_dir().parent
+    if shutil.disk_usage(folder).free < MIN_FREE_BYTES:
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
 
 
 def wandb_dir() -> Path:
@@ -57,6 +71,7 @@ class WandbBackend:
 
     def open(self) -> None:
         import wandb
+        require_space()
 
         from reproduce.tracking.tracker import CLOSE_TIMEOUT_S
 
@@ -64,8 +79,11 @@ class WandbBackend:
         if self.info.resuming and self.mode == "offline":
             self.held = held_steps(self.info.key)
         # Machine probes, requirement scans, code and job capture cost seconds per run and add nothing
-        # (the commit is in the config); system metrics are worth it only to a person watching live.
-        settings = wandb.Settings(finish_timeout=CLOSE_TIMEOUT_S, console="off", x_disable_stats=self.mode != "online",
+        # (the commit is in the config); system metrics are worth it only to a person watching live. A
+        # finish that runs out of time (a server that died mid-run) raises, so the run stays listed for a
+        # sync instead of ending "successfully" with its data unsent.
+        settings = wandb.Settings(finish_timeout=0.9 * CLOSE_TIMEOUT_S, finish_timeout_raises=True, console="off",
+                                  x_disable_stats=self.mode != "online",
                                   x_disable_machine_info=True, x_save_requirements=False, disable_git=True,
                                   save_code=False, disable_job_creation=True)
         # resume="allow" continues the run if W&B has it and starts it otherwise ("must" would refuse an
@@ -80,6 +98,7 @@ class WandbBackend:
         self.last_step = max(self.held, default=0)
 
     def log(self, rows: list[dict[str, float]]) -> None:
+        require_space()
         lost = [int(row["epoch"]) for row in rows if int(row["epoch"]) < self.last_step and int(row["epoch"]) not in self.held]
         if lost:
             warnings.warn(f"W&B run {self.info.key} lacks epochs {lost} below its last step {self.last_step}, which "
@@ -91,17 +110,21 @@ class WandbBackend:
                 self.last_step = step
 
     def image(self, name: str, path: Path) -> None:
+        require_space()
         self.run.log({name: self.wandb.Image(str(path))})
 
     def artifact(self, path: Path, kind: str) -> None:
+        require_space()
         artifact = self.wandb.Artifact(name=f"{self.info.name}-{path.stem}".replace("/", "-"), type=kind)
         artifact.add_file(str(path))
         self.run.log_artifact(artifact)
 
     def finish(self, summary: dict[str, Any], status: str) -> None:
+        require_space()
         self.run.summary.update({**summary, "outcome": status})
         self.run.finish(exit_code=1 if status == "failed" else 0)
 
     def suspend(self) -> None:
+        require_space()
         self.run.mark_preempting()
         self.run.finish(exit_code=0)
