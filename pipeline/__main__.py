@@ -1,4 +1,4 @@
-"""``python -m pipeline {sync,stage}``: the DVC pipeline's commands (``--help`` on each)."""
+"""``python -m pipeline {sync,stage,headline}``: the DVC pipeline's commands (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("--resume", choices=("auto", "always", "never"), default="auto")
     stage.add_argument("--no-track", action="store_true", help="local files only: no W&B, no MLflow")
 
+    headline = commands.add_parser("headline", help="dvclive/metrics.json, the numbers `dvc exp show` lists, from "
+                                                    "reports/summary.json (the experiment's changed methods first)")
+    _common(headline)
+
     args = parser.parse_args(argv)
+    from reproduce.numerics import pin_cpu_numerics
+
+    pin_cpu_numerics()  # before torch loads: the same CPU numbers on every x86-64 machine (reproduce/numerics.py)
     try:
         return COMMANDS[args.command](args)
     except UserError as error:
@@ -67,7 +74,15 @@ def run_stage(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sync": run_sync, "stage": run_stage}
+def run_headline(args: argparse.Namespace) -> int:
+    from pipeline.headline import HEADLINE_FILE, write_headline
+
+    numbers = write_headline(params_path=Path(args.params))
+    print(f"wrote {HEADLINE_FILE}: {len(numbers)} methods, {', '.join(list(numbers)[:3])} first")
+    return 0
+
+
+COMMANDS = {"sync": run_sync, "stage": run_stage, "headline": run_headline}
 
 if __name__ == "__main__":
     sys.exit(main())

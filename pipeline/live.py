@@ -1,4 +1,11 @@
-"""dvclive: what ``dvc metrics``, ``dvc plots`` and ``dvc exp`` read of one method's stage."""
+"""dvclive: one method's stage in ``dvclive/<method>/``, written with DVC's own logger.
+
+- ``metrics.json``: mean and std over seeds of every trained network's test top-1 (best and last epoch)
+  and last-epoch ECE, and the study's best trial. Detail, not a declared DVC metric (dvc.yaml declares
+  only the headline, dvclive/metrics.json): ``dvc metrics show dvclive/kd/metrics.json`` reads it.
+- ``params.yaml``: the method's coefficients as the stage ran them.
+- ``plots/metrics/<network>/<metric>.tsv``: per-epoch curves, mean over seeds (``dvc plots show dvclive/kd/plots``).
+"""
 
 from __future__ import annotations
 
@@ -18,8 +25,7 @@ DVCLIVE_ROOT = Path("dvclive")
 
 def write_live(directory: Path, cls: type[Method], summaries: list[dict[str, Any]], histories: list[list[dict[str, float]]],
                config: Config, study: dict[str, Any] | None = None) -> None:
-    """The headline numbers as metrics.json, the method's coefficients as params.yaml, and per-epoch curves
-    (mean over seeds) under plots/metrics/<network>/<metric>.tsv."""
+    """metrics.json, params.yaml and plots/ of one method (see the module's docstring)."""
     from dvclive import Live
 
     live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None, resume=False)
@@ -35,11 +41,10 @@ def write_live(directory: Path, cls: type[Method], summaries: list[dict[str, Any
                 values = [history[index].get(column) for history in histories]
                 if all(isinstance(v, float) and math.isfinite(v) for v in values):
                     live.log_metric(f"{network}/{metric}", round(scale * statistics.fmean(values), 4))
-    live.summary = headline(cls, summaries)
-    if study is not None and study.get("best") is not None:
-        best = study["best"]
-        live.summary["sweep"] = {"trials": sum(study["trials"].values()), "best_trial": best["number"],
-                                 **{name: best[name] for name in study["objectives"]}}
+    live.summary = seed_statistics(cls, summaries)
+    if study is not None and study["best"] is not None:  # sweeps' summary (sweep-results/<method>/summary.json)
+        live.summary["sweep"] = {"trials": study["budget_used"], "complete": study["counts"]["complete"],
+                                 "best_trial": study["best"]["trial"], **study["best"]["values"]}
     live.make_summary()
     live.end()
 
@@ -49,10 +54,9 @@ def best_key(summary: dict[str, Any]) -> str:
     return "best" if summary.get("selection", "val") == "val" else "best_test_selected"
 
 
-def headline(cls: type[Method], summaries: list[dict[str, Any]]) -> dict[str, Any]:
-    """The few numbers per method that `dvc metrics show` and `dvc exp show` list: for each trained
-    network, test top-1 at the best and the last epoch and test ECE (%) at the last, mean and std
-    over seeds. The best epoch's name says how it was chosen."""
+def seed_statistics(cls: type[Method], summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """For each trained network: test top-1 at the best and the last epoch and test ECE (%) at the last,
+    mean and std over seeds. The best epoch's name says how it was chosen."""
     numbers: dict[str, Any] = {"seeds": len(summaries)}
     for network in trained_networks(cls):
         values: dict[str, list[float]] = {}

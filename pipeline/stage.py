@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from reproduce.config import Config, ConfigError
+from reproduce.config import Config
 from reproduce.io import atomic_write_text
 
-from pipeline.live import DVCLIVE_ROOT, best_key, headline, write_live
+from pipeline.live import DVCLIVE_ROOT, best_key, seed_statistics, write_live
 
 
 def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), checkpoints_root: Path = Path("checkpoints"),
@@ -22,27 +22,25 @@ def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), ch
     """Train ``method`` for every seed, run its study (a method with a search space), write ``dvclive/<method>/``."""
     from reproduce.methods import get_method
     from reproduce.train import RunSpec, train
-    from sweeps.study import RESULTS_ROOT, run_study
+    from sweeps.plan import plan_job
+    from sweeps.study import RESULTS_ROOT, preflight, run_study
 
     cls = get_method(method)
-    if cls.search_space and config.dataset.val_fraction == 0:
-        raise ConfigError(f"{method}: its Optuna study scores trials on the validation split, and "
-                          f"dataset.val_fraction is 0 (no validation split); set dataset.val_fraction > 0 "
-                          f"(the paper recipes, which select on test, run with `python -m reproduce recipe`)")
+    swept = plan_job(config, method, track=track) is not None  # checks the search space before any training
+    if swept:
+        preflight(config, method)  # and what would fail every trial (no validation split, ...)
     summaries = []
     for seed in config.pipeline.seeds:
         spec = RunSpec(method, seed, runs_root / method / f"seed{seed}", checkpoints_root / method / f"seed{seed}")
         summaries.append(train(config, spec, resume=resume, track=track))
         print(f"[{method}] seed {seed}: {headline_line(summaries[-1])}", flush=True)
-    study = None
-    if cls.search_space:
-        study = run_study(config, method, track=track)
-    else:  # the stage declares the results folder of every method
+    study = run_study(config, method, track=track) if swept else None
+    if not swept:  # the stage declares the results folder of every method
         atomic_write_text(RESULTS_ROOT / method / "not_swept.txt",
                           f"{method} declares no search space (search_space = {{}}): nothing to tune.\n")
     histories = [read_history(runs_root / method / f"seed{seed}" / "history.tsv") for seed in config.pipeline.seeds]
     write_live(live_root / method, cls, summaries, histories, config, study)
-    return {"method": method, "seeds": config.pipeline.seeds, "headline": headline(cls, summaries)}
+    return {"method": method, "seeds": config.pipeline.seeds, "statistics": seed_statistics(cls, summaries)}
 
 
 def headline_line(summary: dict[str, Any]) -> str:

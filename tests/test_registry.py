@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from reproduce.config import ConfigError
+from reproduce.methods import get_method
 from reproduce.methods.base import MethodKind, registered
 from pipeline.__main__ import main
 from pipeline.sync import method_lists, stale, sync
@@ -47,21 +50,58 @@ def test_every_registered_method_is_trained_swept_and_analysed() -> None:
         assert (cls.name in lists["distill"]) == (cls.kind is MethodKind.OFFLINE)
         assert (cls.name in lists["sweep"]) == bool(cls.search_space), cls.name
         assert cls.name in lists["plot_columns"][cls.primary if cls.primary == "teacher" else "student"]
-        assert cls.name in params["methods"], f"params.yaml lacks methods.{cls.name} (DVC tracks it per stage)"
+        # Every coefficient, at the method file's default unless params.yaml overrides it (DVC diffs values).
+        assert set(params["methods"][cls.name]) == set(cls.default_params()), f"params.yaml methods.{cls.name}"
         assert cls.display_name and isinstance(cls.row_order, int)
     assert "teacher" in lists["standalone"]
 
 
-def test_sync_adds_a_new_method_to_params_without_touching_the_rest(tmp_path: Path) -> None:
-    params = tmp_path / "params.yaml"
-    original = (PROJECT / "params.yaml").read_text()
-    params.write_text(original.replace("  kd: {}\n", ""))
-    changed = sync(params, tmp_path / "registry.yaml")
-    text = params.read_text()
-    assert any("kd" in item for item in changed)
-    assert yaml.safe_load(text)["methods"]["kd"] == {}
-    assert yaml.safe_load(text) == yaml.safe_load(original) and "# Per-method overrides" in text
-    assert sync(params, tmp_path / "registry.yaml") == []  # a second sync changes nothing
+def _project_copy(tmp_path: Path) -> tuple[Path, Path]:
+    for name in ("params.yaml", "registry.yaml"):
+        shutil.copy2(PROJECT / name, tmp_path / name)
+    return tmp_path / "params.yaml", tmp_path / "registry.yaml"
+
+
+def test_sync_writes_a_new_methods_defaults_and_keeps_the_users_comments(tmp_path: Path) -> None:
+    params, registry = _project_copy(tmp_path)
+    original = params.read_text()
+    kd_block = original[original.index("  kd:\n"):original.index("  dkd:\n")]
+    params.write_text(original.replace(kd_block, ""))
+    assert sync(params, registry) == [f"{params} (methods: kd)"]
+    assert params.read_text() == original  # the same place, the same layout, every comment kept
+    assert yaml.safe_load(params.read_text())["methods"]["kd"] == get_method("kd").default_params()
+    assert sync(params, registry) == []  # a second sync changes nothing
+
+
+def test_sync_follows_a_changed_default_and_keeps_an_override(tmp_path: Path) -> None:
+    """registry.yaml records the defaults the last sync wrote: a value still equal to its recorded default
+    follows the method file, a value the user changed stays."""
+    params, registry = _project_copy(tmp_path)
+    recorded = yaml.safe_load(registry.read_text())
+    recorded["defaults"]["kd"]["temperature"] = 5.0  # as if kd.py's default was 5 at the last sync ...
+    registry.write_text(yaml.safe_dump(recorded, sort_keys=False))
+    raw = yaml.safe_load(params.read_text())
+    assert raw["methods"]["dkd"]["warmup_epochs"] != get_method("dkd").default_params()["warmup_epochs"]  # an override
+    params.write_text(params.read_text().replace("    temperature: 4.0\n    ce_weight: 0.1\n",
+                                                 "    temperature: 5.0\n    ce_weight: 0.1\n"))  # ... and written
+    assert yaml.safe_load(params.read_text())["methods"]["kd"]["temperature"] == 5.0
+    assert stale(params, registry)  # --check notices
+    sync(params, registry)
+    methods = yaml.safe_load(params.read_text())["methods"]
+    assert methods["kd"]["temperature"] == 4.0 and methods["dkd"]["warmup_epochs"] == raw["methods"]["dkd"]["warmup_epochs"]
+    # A value the user set differs from the recorded default: it stays when the default moves.
+    recorded = yaml.safe_load(registry.read_text())
+    recorded["defaults"]["kd"]["ce_weight"] = 0.3
+    registry.write_text(yaml.safe_dump(recorded, sort_keys=False))
+    sync(params, registry)
+    assert yaml.safe_load(params.read_text())["methods"]["kd"]["ce_weight"] == 0.1
+
+
+def test_sync_names_an_unknown_coefficient(tmp_path: Path) -> None:
+    params, registry = _project_copy(tmp_path)
+    params.write_text(params.read_text().replace("    kd_weight: 0.9\n", "    kd_weight: 0.9\n    temprature: 2\n", 1))
+    with pytest.raises(ConfigError, match=r"methods\.kd.*temprature"):
+        sync(params, registry)
 
 
 def test_sync_check_fails_when_the_registry_file_is_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -127,28 +167,40 @@ def imported_files(start: list[Path]) -> set[Path]:
     return seen
 
 
+def command_code(entry: Path, command: str) -> tuple[list[ast.AST], list[Path]]:
+    """The code ``python -m <package> <command>`` runs, and the files it is in. Two layouts: a ``COMMANDS``
+    table in __main__.py mapping names to its functions (pipeline/), or a ``cli/`` package whose module
+    for the command registers ``Command("<command>", ...)`` (reproduce/): that module, read whole."""
+    tree = ast.parse(entry.read_text())
+    table = next((node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id == "COMMANDS" for t in node.targets)), None)
+    if table is None:
+        registers = re.compile(rf"Command\(\s*[\"']{re.escape(command)}[\"']")
+        modules = [path for path in sorted((entry.parent / "cli").glob("*.py")) if registers.search(path.read_text())]
+        assert len(modules) == 1, f"{command!r}: expected one module of {entry.parent / 'cli'} to register it"
+        return [tree, ast.parse(modules[0].read_text())], [entry, modules[0]]
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    commands = {key.value: value.id for key, value in zip(table.keys, table.values)}
+    assert command in commands, f"{command!r} is not in {entry}'s COMMANDS"
+    top_level = [node for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    used = [functions[commands[command]], *(functions[name] for name in ("main", "_common") if name in functions)]
+    return top_level + used, [entry]
+
+
 def stage_imports(cmd: str) -> set[Path]:
-    """What ``python -m <package> [<command>] [--method M]`` imports: the entry module's top level, the
-    body of the function its COMMANDS table maps the command to, everything those import, and M's file."""
+    """What ``python -m <package> [<command>] [--method M]`` imports: the entry module's top level, the code
+    of its command (``command_code``), everything those import, and M's file."""
     words = cmd.split()
     assert words[:2] == ["python", "-m"], f"stage command {cmd!r}: expected `python -m <package> ...`"
     entry = PROJECT / words[2] / "__main__.py"
-    tree = ast.parse(entry.read_text())
-    nodes: list[ast.AST] = [node for node in tree.body if not isinstance(node, (ast.FunctionDef, ast.ClassDef))]
-    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
-    table = next((node.value for node in tree.body if isinstance(node, ast.Assign)
-                  and any(isinstance(t, ast.Name) and t.id == "COMMANDS" for t in node.targets)), None)
-    if table is None:  # a single-command entry point runs its whole module
-        nodes = [tree]
-    else:
-        commands = {key.value: value.id for key, value in zip(table.keys, table.values)}
-        command = words[3]
-        assert command in commands, f"{cmd!r}: {command!r} is not in {entry}'s COMMANDS"
-        nodes += [functions[commands[command]], *(functions[name] for name in ("main", "_common") if name in functions)]
-    files = {entry} | imported_files(project_files(imported_names(nodes)))
+    if len(words) > 3 and not words[3].startswith("-"):
+        nodes, files = command_code(entry, words[3])
+    else:  # a single-command entry point runs its whole module
+        nodes, files = [ast.parse(entry.read_text())], [entry]
+    found = set(files) | imported_files(project_files(imported_names(nodes)))
     if "--method" in words:
-        files |= imported_files([PROJECT / "reproduce" / "methods" / f"{words[words.index('--method') + 1]}.py"])
-    return files
+        found |= imported_files([PROJECT / "reproduce" / "methods" / f"{words[words.index('--method') + 1]}.py"])
+    return found
 
 
 def uncovered(cmd: str, deps: list[str]) -> list[str]:
