@@ -8,13 +8,16 @@ images and augmentations in every step (checked exactly), the same roles updated
 exactly), and with ``runtime.sync_batchnorm`` the same BatchNorm statistics, hence the same gradients up to
 float32 rounding: the sums are taken in another order (per rank, then across ranks; BatchNorm's in float64).
 So the first step's update of every role must agree within FIRST_STEP_TOLERANCE of its size (measured:
-5e-6 to 7e-6, i.e. ~1e-7 absolute; without SyncBatchNorm it is off by 12 % to 21 %). Training
+1e-5, i.e. ~1e-7 absolute; without SyncBatchNorm it is off by 12 % to 21 %). Training
 then amplifies rounding as it amplifies any perturbation (reordering the images inside each batch of one
 process moves its parameters by up to ~2e-4 within 8 steps; SwitOKD's student here has a learning rate of 4),
 so the end of the runs is compared with the looser FINAL_TOLERANCE on the test logits and the same predicted
-class for at least 98 % of the test images (measured: 1e-6 relative for DML, 1e-3 for SwitOKD's exploding
-student; all predictions agree). Without sync_batchnorm each rank normalises with its own shard's
-statistics, a different computation: the control test checks that this comparison catches it.
+class for at least 98 % of the test images (measured: 6e-4 relative for DML, 2e-3 for SwitOKD's teacher; all
+predictions agree). SwitOKD's student at a learning rate of 4 explodes (logits of 1e4) and amplifies rounding
+about a thousandfold in 8 steps: EXPLODING_TOLERANCE (measured 1.2e-3 before the CPU numerics were pinned to
+AVX2, 1.3e-2 since, the same with the engine's old and new DDP and SwitOKD code, bit for bit). Without
+sync_batchnorm each rank normalises with its own shard's statistics, a different computation: the control
+test checks that this comparison catches it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ PER_RANK = 128  # the one-process runs use WORLD x PER_RANK; digits then has 4 t
 FIRST_STEP_TOLERANCE = 1e-3
 # Relative to the largest test logit of the one-process run, after 8 steps (rounding, amplified: <= ~1e-3).
 FINAL_TOLERANCE = 1e-2
+EXPLODING_TOLERANCE = 5e-2  # SwitOKD's student at lr 4, see the module docstring
 SWITOKD = {"recipe": {"roles": {"student": {"lr": 4.0}}}}  # a student so bad that the teacher pauses (expert mode)
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -137,12 +141,12 @@ def _check_replicas_agree(ddp: dict) -> None:
     assert first["digests"] == second["digests"]
 
 
-def _check_matches_single(single: dict, ddp: dict, networks: tuple[str, ...]) -> None:
+def _check_matches_single(single: dict, ddp: dict, tolerances: dict[str, float]) -> None:
     _check_first_step_matches(single, ddp)
     logits = [torch.load(run["run_dir"] / "predictions.pt", weights_only=True)["last"]["test"] for run in (single, ddp)]
-    for network in networks:
+    for network, tolerance in tolerances.items():
         difference = (logits[0][network] - logits[1][network]).abs().max()
-        assert difference <= FINAL_TOLERANCE * logits[0][network].abs().max(), (network, float(difference))
+        assert difference <= tolerance * logits[0][network].abs().max(), (network, float(difference))
         assert (logits[0][network].argmax(1) == logits[1][network].argmax(1)).float().mean() >= 0.98, network
 
 
@@ -188,7 +192,7 @@ def test_dml_on_two_ranks_matches_one_process_with_the_global_batch(dml: tuple[d
     _check_rank_zero_alone_writes(ddp)
     _check_replicas_agree(ddp)
     assert ddp["records"][0]["ddp_roles"] == ["student", "teacher"]  # every role's gradients averaged
-    _check_matches_single(single, ddp, ("teacher", "student"))
+    _check_matches_single(single, ddp, {"teacher": FINAL_TOLERANCE, "student": FINAL_TOLERANCE})
     print(f"dml: one process {single['seconds']:.1f} s, two ranks {ddp['seconds']:.1f} s")
 
 
@@ -209,7 +213,7 @@ def test_switokd_pauses_its_teacher_on_every_rank_alike(switokd: tuple[dict, dic
         for step in paused:  # no update, no momentum, no weight decay: the teacher's parameters stay put
             assert step > 0 and digests[step]["teacher"] == digests[step - 1]["teacher"]
             assert digests[step]["student"] != digests[step - 1]["student"]
-    _check_matches_single(single, ddp, ("teacher", "student"))
+    _check_matches_single(single, ddp, {"teacher": FINAL_TOLERANCE, "student": EXPLODING_TOLERANCE})
     print(f"switokd: one process {single['seconds']:.1f} s, two ranks {ddp['seconds']:.1f} s; paused at {paused}")
 
 
