@@ -28,7 +28,6 @@ from reproduce.data.errors import DataFormatError, DataNotPreparedError
 from reproduce.data.prepare import IMAGENET_MEAN, IMAGENET_STD, FileSplit, Prepared, Split, load_prepared, prepare
 from reproduce.data.sources import cifar
 from reproduce.data.split import stratified_split
-from reproduce.data.streaming import EpochSampler, FileSplitDataset, StreamingLoader, train_transform
 from reproduce.errors import ConfigError, UserError
 from tests.data_fixtures import (WrittenArrays, write_cifar10, write_cifar100, write_fashion_mnist, write_imagenet,
                                  write_tinyimagenet)
@@ -295,16 +294,6 @@ def test_damaged_prepared_cache_is_one_line_naming_the_file_and_the_fix(damage, 
     assert "weights_only" not in message  # torch's advice would be the wrong fix for a damaged cache
 
 
-def test_damaged_file_index_is_a_clear_error(imagenet_prepared: Prepared, tmp_path: Path) -> None:
-    directory = tmp_path / "prepared" / "imagenet"
-    (directory / "val.json").write_text('{"paths": ["train/a.JPEG"], "labels": []}')
-    with pytest.raises(DataFormatError, match=r"val\.json is not an index of paths with matching labels; delete"):
-        load_prepared(directory)
-    (directory / "val.json").write_bytes(b"\xff\xfe garbage")
-    with pytest.raises(DataFormatError, match=r"val\.json is not valid JSON"):
-        load_prepared(directory)
-
-
 def test_interrupted_prepare_leaves_no_partial_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_cifar10(tmp_path / "raw")
     out_root = tmp_path / "prepared"
@@ -478,7 +467,7 @@ def test_val_fraction_too_small_for_any_validation_image(tmp_path: Path) -> None
 
 
 # ----------------------------------------------------------------------------------------------
-# StreamingLoader ("files" storage)
+# The "files" storage index (its loaders: tests/test_streaming.py)
 
 
 @pytest.fixture
@@ -487,79 +476,11 @@ def imagenet_prepared(tmp_path: Path) -> Prepared:
     return run_prepare("imagenet", tmp_path / "raw", tmp_path / "prepared")
 
 
-def streaming(split: FileSplit, *, train: bool, batch_size: int = 4, seed: int = 0, **options) -> StreamingLoader:
-    return StreamingLoader(split, batch_size=batch_size, train=train, image_size=32, mean=IMAGENET_MEAN,
-                           std=IMAGENET_STD, device=torch.device("cpu"), seed=seed, num_workers=0, **options)
-
-
-def collect(loader: StreamingLoader, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    batches = list(loader.epoch(epoch))
-    assert len(batches) == len(loader)
-    return torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches])
-
-
-def test_streaming_training_batches_are_shaped_and_reproducible(imagenet_prepared: Prepared) -> None:
-    train = imagenet_prepared.train  # 3 classes x 8 images after the validation carve-out
-    loader = streaming(train, train=True)
-    assert len(loader) == 24 // 4
-    for images, labels in loader.epoch(0):
-        assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
-        assert labels.shape == (4,) and labels.dtype == torch.int64
-        assert images.device.type == "cpu"
-        assert -3 < images.mean() < 3 and images.min() < 0 < images.max()
-
-    first_images, first_labels = collect(loader, 1)
-    fresh_images, fresh_labels = collect(streaming(train, train=True), 1)
-    assert torch.equal(first_images, fresh_images) and torch.equal(first_labels, fresh_labels)
-    again_images, _ = collect(loader, 1)
-    assert torch.equal(first_images, again_images)
-    next_images, next_labels = collect(loader, 2)
-    assert not torch.equal(first_labels, next_labels) and not torch.equal(first_images, next_images)
-    assert sorted(next_labels.tolist()) == sorted(train.labels)  # each image once per epoch
-
-
-def test_streaming_evaluation_is_ordered_and_normalised(imagenet_prepared: Prepared) -> None:
-    test = imagenet_prepared.test
-    loader = streaming(test, train=False, batch_size=4)
-    assert len(loader) == 3  # 9 images, the last batch kept
-    images, labels = collect(loader, 0)
-    assert labels.tolist() == test.labels
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    for position, path in enumerate(test.paths):
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-        # The standard eval view, spelled out: shorter side to int(32 / 0.875) = 36, then the central 32x32.
-        width, height = rgb.size
-        scale = 36 / min(width, height)
-        resized = rgb.resize((36, int(height * scale)) if width < height else (int(width * scale), 36),
-                             Image.BILINEAR)
-        left, top = round((resized.width - 32) / 2), round((resized.height - 32) / 2)
-        crop = np.asarray(resized.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255
-        pixels = torch.from_numpy(crop).permute(2, 0, 1)
-        torch.testing.assert_close(images[position], (pixels - mean) / std)
-
-
-def test_augmentation_is_a_function_of_seed_epoch_and_index(imagenet_prepared: Prepared) -> None:
-    dataset = FileSplitDataset(imagenet_prepared.train, train_transform(32), seed=0)
-    view, label = dataset[(1, 0)]
-    torch.manual_seed(123)  # the global RNG must not matter
-    assert torch.equal(dataset[(1, 0)][0], view) and label == imagenet_prepared.train.labels[0]
-    assert not torch.equal(dataset[(2, 0)][0], view)
-    assert not torch.equal(FileSplitDataset(imagenet_prepared.train, train_transform(32), seed=1)[(1, 0)][0], view)
-    state = torch.get_rng_state()
-    dataset[(3, 0)]
-    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is untouched
-
-
-def test_epoch_sampler_shards_ranks_disjointly() -> None:
-    shards = [EpochSampler(10, shuffle=True, seed=5, rank=rank, world_size=3) for rank in range(3)]
-    for sampler in shards:
-        sampler.set_epoch(2)
-    indices = [sampler.shard() for sampler in shards]
-    assert [len(shard) for shard in indices] == [3, 3, 3] == [len(sampler) for sampler in shards]
-    flat = [index for shard in indices for index in shard]
-    assert len(set(flat)) == 9 and set(flat) <= set(range(10))
-    assert list(shards[0]) == [(2, index) for index in indices[0]]
-    evaluation = [EpochSampler(10, shuffle=False, seed=5, rank=rank, world_size=3).shard() for rank in range(3)]
-    assert sorted(index for shard in evaluation for index in shard) == list(range(10))
+def test_damaged_file_index_is_a_clear_error(imagenet_prepared: Prepared, tmp_path: Path) -> None:
+    directory = tmp_path / "prepared" / "imagenet"
+    (directory / "val.json").write_text('{"paths": ["train/a.JPEG"], "labels": []}')
+    with pytest.raises(DataFormatError, match=r"val\.json is not an index of paths with matching labels; delete"):
+        load_prepared(directory)
+    (directory / "val.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(DataFormatError, match=r"val\.json is not valid JSON"):
+        load_prepared(directory)

@@ -1,16 +1,19 @@
 """Batches for training and evaluation.
 
-The prepared uint8 images live on the training device; shuffling, random crop with padding,
-horizontal flip and normalisation run batched there (airbench's recipe: no CPU DataLoader in the
-hot loop, which is what starves small CIFAR models on a GPU). Every random draw comes from a
-generator seeded by ``(seed, epoch)``, so an epoch's batches are a pure function of the epoch and an
-exact resume needs no saved loader state. ImageNet-scale ("files" storage) data streams through
-``StreamingLoader`` instead; both expose ``len()`` and ``epoch(n)``.
+The prepared uint8 images live on the training device, and a training epoch is made there in a few batched
+ops (airbench's recipe: no CPU DataLoader in the hot loop, which is what starves small CIFAR models on a GPU):
+one permutation, the crop offsets and flips of every image drawn at once (``draw_crops``), one pad and one
+gather that crop, flip and order the whole epoch in uint8 (``crop_and_flip``); per batch, only the
+normalisation into the compute dtype and memory format (``Normalise``). Every draw comes from a generator
+seeded by ``(seed, epoch)``, so an epoch's batches are a pure function of the epoch and an exact resume needs
+no saved loader state. ImageNet-scale ("files" storage) data streams through ``StreamingLoader`` instead;
+both expose ``len()`` and ``epoch(n)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -32,50 +35,69 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return generator
 
 
-# Per-channel statistics the official codes hard-code (SOKD's loader normalises CIFAR-100 with CIFAR-10's).
+# Per-channel statistics the official codes hard-code (SOKD's loader normalises CIFAR-100 with CIFAR-10's);
+# dataset.normalization "dataset" uses the prepared training split's own statistics instead.
 NORMALISATION_STATS: dict[str, tuple[list[float], list[float]]] = {
     "cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
     "cifar100": ([0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]),
     "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
 }
-NORMALISATIONS = ("dataset", *NORMALISATION_STATS)  # dataset: the prepared training split's own statistics
-PADDING_MODES = ("zeros", "reflect")
 
 
-def random_crop(images: Tensor, padding: int, generator: torch.Generator, mode: str = "zeros") -> Tensor:
-    """Pad each image by ``padding`` (zeros, or reflect as SOKD's loader does) and crop back to its size
-    at a random offset, batched."""
-    if padding <= 0:
-        return images
-    batch, channels, height, width = images.shape
-    if mode == "reflect":  # F.pad's reflect needs floats; uint8 values survive the round trip exactly
-        padded = F.pad(images.float(), (padding,) * 4, mode="reflect").to(images.dtype)
+@dataclass(frozen=True)
+class Crops:
+    """One random crop and flip per image: the window's offset in the padded image (0..2*padding) and whether
+    it is mirrored. Each image draws its own, independently and uniformly (torchvision's RandomCrop with
+    ``padding`` followed by RandomHorizontalFlip)."""
+
+    top: Tensor  # int64 [N]
+    left: Tensor  # int64 [N]
+    flip: Tensor  # bool [N]
+
+    def __getitem__(self, index: Tensor) -> Crops:
+        return Crops(self.top[index], self.left[index], self.flip[index])
+
+
+def draw_crops(count: int, augment: AugmentConfig, generator: torch.Generator) -> Crops:
+    """``count`` crops and flips drawn at once; no padding draws no offsets, ``flip: false`` no flips."""
+    device = generator.device
+    span = 2 * augment.crop_padding + 1
+    if augment.crop_padding > 0:
+        top = torch.randint(0, span, (count,), generator=generator, device=device)
+        left = torch.randint(0, span, (count,), generator=generator, device=device)
     else:
-        padded = F.pad(images, (padding, padding, padding, padding))
-    device = images.device
-    top = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
-    left = torch.randint(0, 2 * padding + 1, (batch,), generator=generator, device=device)
-    rows = (top[:, None] + torch.arange(height, device=device))[:, None, :, None]
-    cols = (left[:, None] + torch.arange(width, device=device))[:, None, None, :]
-    return padded[torch.arange(batch, device=device)[:, None, None, None],
-                  torch.arange(channels, device=device)[None, :, None, None], rows, cols]
+        top = left = torch.zeros(count, dtype=torch.int64, device=device)
+    flip = (torch.rand(count, generator=generator, device=device) < 0.5 if augment.flip
+            else torch.zeros(count, dtype=torch.bool, device=device))
+    return Crops(top, left, flip)
 
 
-def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
-    flip = torch.rand(images.shape[0], generator=generator, device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+def crop_and_flip(images: Tensor, index: Tensor, crops: Crops, padding: int, mode: str = "zeros") -> Tensor:
+    """``images[index]``, each padded by ``padding`` (zeros, or reflect as SOKD's loader does), cropped back to
+    its size at its offset and mirrored where its flip says: one pad, one gather of the windows (a strided
+    view of every offset, so each image is read as whole rows) and one select of the mirrored ones."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (padding,) * 4, mode="constant" if mode == "zeros" else mode) if padding else images
+    windows = padded.unfold(2, height, 1).unfold(3, width, 1)  # [N, C, 2p+1, 2p+1, H, W], no copy
+    out = windows[index, :, crops.top, crops.left]
+    return torch.where(crops.flip[:, None, None, None], out.flip(3), out)
 
 
 class Normalise:
-    """uint8 NCHW -> float, standardised per channel, in the memory format the models expect."""
+    """uint8 NCHW -> standardised per channel, in the compute dtype and the memory format the models expect.
 
-    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool) -> None:
+    The arithmetic is float32 whatever ``dtype`` is (one rounding into bf16 at the end, not one per op)."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool,
+                 dtype: torch.dtype | None = None) -> None:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+        self.dtype = dtype or torch.float32
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: Tensor) -> Tensor:
-        return ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        # uint8 - float32 promotes to float32 in the subtraction itself: no separate conversion pass.
+        return ((images - self.mean) / self.std).to(self.dtype, memory_format=self.memory_format)
 
 
 class DeviceLoader:
@@ -84,7 +106,8 @@ class DeviceLoader:
     def __init__(self, split: Split, *, batch_size: int, normalise: Normalise, device: torch.device,
                  seed: int = 0, train: bool = False, augment: AugmentConfig | None = None,
                  rank: int = 0, world_size: int = 1) -> None:
-        self.images = split.images.to(device)
+        # Stored in the models' memory format, so that slices and the epoch's gather come out in it too.
+        self.images = split.images.to(device).contiguous(memory_format=normalise.memory_format)
         self.labels = split.labels.to(device)
         self.batch_size = batch_size
         self.normalise = normalise
@@ -102,46 +125,50 @@ class DeviceLoader:
         return per_rank // self.batch_size if self.train else -(-per_rank // self.batch_size)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.train:
-            generator = epoch_generator(self.seed, epoch, self.device)
-            order = torch.randperm(len(self.labels), generator=generator, device=self.device)
-        else:
-            generator, order = None, torch.arange(len(self.labels), device=self.device)
-        # Under DDP every rank cuts the same permutation into global batches of world_size x batch_size and
-        # keeps every world_size-th image of each, from its rank: disjoint shards whose k-th batches together
-        # are the one-process k-th batch of the global size. The global batch is augmented before it is
-        # split, so the crops and flips are the one-process run's too (and no two ranks share their draws).
-        size = self.batch_size * (self.world_size if self.train else 1)
-        for start in range(0, len(self) * size, size):
-            index = order[start:start + size]
+        # Evaluation: the split in order, the last partial batch kept. Training: the epoch made at once.
+        images, labels = self.training_epoch(epoch) if self.train else (self.images, self.labels)
+        for start in range(0, len(labels), self.batch_size):
+            yield self.normalise(images[start:start + self.batch_size]), labels[start:start + self.batch_size]
+
+    def training_epoch(self, epoch: int) -> tuple[Tensor, Tensor]:
+        """This rank's images of epoch ``epoch``, augmented, in uint8, batch after batch, and their labels.
+
+        The permutation and every image's crop and flip are drawn for the whole split in one go, from
+        ``(seed, epoch)`` alone. Under DDP every rank cuts the same permutation into global batches of
+        world_size x batch_size and keeps every world_size-th position of each, from its rank: disjoint shards
+        whose k-th batches together are the one-process k-th batch of the global size, with the one-process
+        run's crops and flips (the draws belong to the positions, whoever takes them)."""
+        generator = epoch_generator(self.seed, epoch, self.device)
+        order = torch.randperm(len(self.labels), generator=generator, device=self.device)
+        crops = draw_crops(len(order), self.augment, generator) if self.augment is not None else None
+        steps, world = len(self), self.world_size
+        positions = torch.arange(steps * self.batch_size * world, device=self.device)
+        positions = positions.view(steps, self.batch_size, world)[:, :, self.rank].reshape(-1)
+        index = order[positions]
+        if crops is None:
             images = self.images[index]
-            if self.augment is not None:
-                images = random_crop(images, self.augment.crop_padding, generator, self.augment.padding_mode)
-                if self.augment.flip:
-                    images = random_flip(images, generator)
-            if self.train and self.world_size > 1:
-                images, index = images[self.rank::self.world_size], index[self.rank::self.world_size]
-            yield self.normalise(images), self.labels[index]
+        else:
+            images = crop_and_flip(self.images, index, crops[positions], self.augment.crop_padding,
+                                   self.augment.padding_mode)
+        return images.contiguous(memory_format=self.normalise.memory_format), self.labels[index]
 
 
 def make_loaders(prepared: Prepared, dataset: DatasetConfig, *, batch_size: int, eval_batch_size: int,
                  device: torch.device, seed: int, channels_last: bool, num_workers: int,
-                 rank: int = 0, world_size: int = 1) -> tuple[Batches, dict[str, Batches]]:
+                 rank: int = 0, world_size: int = 1, dtype: torch.dtype | None = None,
+                 ) -> tuple[Batches, dict[str, Batches]]:
     """The training batches and the evaluation batches by split name: "val" (absent when the prepared
-    data has no validation split, ``dataset.val_fraction: 0``) and "test"."""
+    data has no validation split, ``dataset.val_fraction: 0``) and "test". Batches come in ``dtype``
+    (None: float32) and, with ``channels_last``, in that memory format."""
     mean, std = NORMALISATION_STATS.get(dataset.normalization, (prepared.manifest["mean"], prepared.manifest["std"]))
+    normalise = Normalise(mean, std, device, channels_last, dtype)
     evaluated = [(name, split) for name, split in (("val", prepared.val), ("test", prepared.test)) if len(split.labels)]
     if prepared.storage == "files":
-        from reproduce.data.streaming import StreamingLoader
+        from reproduce.data.streaming import streaming_loaders
 
-        def stream(split, train: bool, size: int) -> StreamingLoader:
-            return StreamingLoader(split, batch_size=size, train=train, image_size=dataset.image_size,
-                                   mean=mean, std=std, device=device, seed=seed, num_workers=num_workers,
-                                   rank=rank if train else 0, world_size=world_size if train else 1)
-
-        return (stream(prepared.train, True, batch_size),
-                {name: stream(split, False, eval_batch_size) for name, split in evaluated})
-    normalise = Normalise(mean, std, device, channels_last)
+        return streaming_loaders(prepared, evaluated, dataset, normalise=normalise, batch_size=batch_size,
+                                 eval_batch_size=eval_batch_size, device=device, seed=seed,
+                                 num_workers=num_workers, rank=rank, world_size=world_size)
     train = DeviceLoader(prepared.train, batch_size=batch_size, normalise=normalise, device=device, seed=seed,
                          train=True, augment=dataset.augment, rank=rank, world_size=world_size)
     evaluation = {name: DeviceLoader(split, batch_size=eval_batch_size, normalise=normalise, device=device)

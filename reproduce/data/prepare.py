@@ -66,6 +66,7 @@ class Prepared:
     val: Split | FileSplit
     test: Split | FileSplit
     manifest: dict
+    directory: Path  # where it was read from (the streaming loader keeps its decoded evaluation views beside it)
 
     @property
     def num_classes(self) -> int:
@@ -274,7 +275,7 @@ def _load_parts(directory: Path, manifest: dict, verify: bool, rebuild: str) -> 
         if len(parts[part].labels) != manifest["counts"][part]:
             raise DataFormatError(f"{path} holds {len(parts[part].labels)} samples, {MANIFEST} records "
                                   f"{manifest['counts'][part]}; {rebuild}.")
-    return Prepared(train=parts["train"], val=parts["val"], test=parts["test"], manifest=manifest)
+    return Prepared(train=parts["train"], val=parts["val"], test=parts["test"], manifest=manifest, directory=directory)
 
 
 # What torch.load and json raise on a file that is not what it should be (truncated, overwritten, random bytes;
