@@ -200,3 +200,23 @@ def test_make_loaders_emits_the_compute_dtype_in_channels_last(prepared_root: Pa
     assert set(evaluation) == {"val", "test"}
     x, _ = next(iter(evaluation["test"].epoch(0)))
     assert torch.equal(x, next(iter(reference_eval["test"].epoch(0)))[0].to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_cuda_epoch_is_made_on_the_gpu_in_bf16_channels_last(mode: str) -> None:
+    cuda = torch.device("cuda")
+    split = _split(n=64, classes=64)  # label = image index
+    normalise = Normalise([0.0] * 3, [1 / 255] * 3, cuda, channels_last=True, dtype=torch.bfloat16)
+    loader = DeviceLoader(split, batch_size=16, normalise=normalise, device=cuda, seed=0, train=True,
+                          augment=AugmentConfig(crop_padding=2, flip=True, padding_mode=mode))
+    batches = list(loader.epoch(1))
+    assert all(x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
+               for x, _ in batches)
+    labels = torch.cat([y for _, y in batches]).cpu()
+    assert sorted(labels.tolist()) == list(range(64))
+    padded = F.pad(split.images.float(), (2,) * 4, mode="reflect" if mode == "reflect" else "constant")
+    for x, y in batches:  # uint8 values survive bf16 exactly: every view is a window of its padded image
+        for view, label in zip(x.float().cpu(), y.cpu()):
+            assert any(torch.equal(view, window) or torch.equal(view, window.flip(2))
+                       for window in (padded[label, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)))

@@ -223,3 +223,18 @@ def test_make_loaders_streams_training_and_caches_evaluation(imagenet: Prepared)
     assert cache_path(imagenet, "val", 32).is_file() and cache_path(imagenet, "test", 32).is_file()
     with pytest.raises(ConfigError, match=r"dataset\.gpu_decode: .*needs a CUDA training device"):
         make_loaders(imagenet, DatasetConfig(name="imagenet", image_size=32, gpu_decode=True), **options)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decoding_gives_the_workers_views(imagenet: Prepared) -> None:
+    """dataset.gpu_decode on hardware: nvjpeg's batched decode and the GPU resize give the workers' views (same
+    samples, boxes and flips) up to the decoders' rounding, as uint8 channels-last normalised on the GPU."""
+    cuda = torch.device("cuda")
+    normalise = Normalise([0.0] * 3, [1 / 255] * 3, cuda, channels_last=True)
+    on_gpu = collect(StreamingLoader(imagenet.train, batch_size=4, image_size=32, normalise=normalise, device=cuda,
+                                     seed=0, decode_device=cuda), 1)
+    in_workers = collect(streaming(imagenet), 1)
+    assert on_gpu[0].is_cuda and on_gpu[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(on_gpu[1].cpu(), in_workers[1])
+    difference = (on_gpu[0].cpu() - in_workers[0]).abs()
+    assert difference.mean() < 1.5 and difference.max() <= 16

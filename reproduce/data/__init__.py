@@ -1,5 +1,6 @@
 """Datasets: upstream readers (``sources/``, one file per dataset), the prepared cache (``prepare``) and the
-loaders that feed training (``loader`` for in-memory data, ``streaming`` for image files)."""
+loaders that feed training (``loader`` for in-memory data; ``streaming`` for image files, whose evaluation
+views ``eval_cache`` decodes once)."""
 
 from __future__ import annotations
 
