@@ -16,6 +16,7 @@ from reproduce.config import AugmentConfig, DatasetConfig
 from reproduce.data.loader import (DeviceLoader, Normalise, crop_and_flip, draw_crops, epoch_generator,
                                    make_loaders)
 from reproduce.data.prepare import Split, load_prepared
+from reproduce.errors import ConfigError
 
 CPU = torch.device("cpu")
 
@@ -144,6 +145,12 @@ def test_the_ranks_kth_batches_are_the_one_process_global_batch_with_its_augment
     for k, (x, y) in enumerate(whole):
         assert torch.equal(torch.cat([shard[k][0] for shard in shards]), x[order])
         assert torch.equal(torch.cat([shard[k][1] for shard in shards]), y[order])
+
+
+def test_a_batch_larger_than_the_split_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"recipe\.batch_size: the training split has 40 images, fewer than one "
+                                          r"batch of 32 per process"):
+        _loader(0, batch_size=32, world_size=2)
 
 
 def test_evaluation_loader_keeps_order_and_the_last_partial_batch() -> None:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from reproduce.config import AugmentConfig, DatasetConfig
 from reproduce.data.prepare import Prepared, Split
+from reproduce.errors import ConfigError
 
 
 class Batches(Protocol):
@@ -117,8 +118,8 @@ class DeviceLoader:
         self.augment = augment if train else None
         self.rank, self.world_size = rank, world_size
         if train and len(self.labels) // world_size < batch_size:
-            raise ValueError(f"the training split has {len(self.labels)} images, fewer than one batch of "
-                             f"{batch_size} per process; lower recipe.batch_size")
+            raise ConfigError(f"recipe.batch_size: the training split has {len(self.labels)} images, fewer than "
+                              f"one batch of {batch_size} per process; lower recipe.batch_size")
 
     def __len__(self) -> int:
         per_rank = len(self.labels) // self.world_size if self.train else len(self.labels)

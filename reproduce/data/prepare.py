@@ -31,6 +31,7 @@ import torch
 from reproduce.data.errors import DataFormatError, DataNotFoundError, DataNotPreparedError
 from reproduce.data.sources import ArrayData, FileData, read_source
 from reproduce.data.split import stratified_split
+from reproduce.errors import ConfigError
 
 FORMAT_VERSION = 1
 PARTS = ("train", "val", "test")
@@ -97,7 +98,7 @@ def prepare(name: str, raw_root: Path, out_root: Path, *, val_fraction: float, s
     raw = read_source(name, Path(raw_root), download=download, verify_md5=verify_md5, progress=progress)
     kept, held_out = stratified_split(raw.train_labels, val_fraction, split_seed)
     if val_fraction > 0 and len(held_out) == 0:
-        raise ValueError(f"dataset.val_fraction={val_fraction} leaves no validation images for {name} "
+        raise ConfigError(f"dataset.val_fraction={val_fraction} leaves no validation images for {name} "
                          f"(each class holds out round(val_fraction * its size)); raise it.")
 
     target = Path(out_root) / name
@@ -124,7 +125,7 @@ def prepare(name: str, raw_root: Path, out_root: Path, *, val_fraction: float, s
 
 def _check_val_fraction(val_fraction: float) -> None:
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, Real) or not 0 <= val_fraction < 1:
-        raise ValueError(f"dataset.val_fraction must be a number in [0, 1), the share of the official training "
+        raise ConfigError(f"dataset.val_fraction must be a number in [0, 1), the share of the official training "
                          f"set held out for validation (0: none, the papers' protocol); got {val_fraction!r}")
 
 
