@@ -105,19 +105,40 @@ def _plain_data_types() -> list[Any]:
             reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
-def read_checkpoint(path: Path, what: str = "checkpoint", fix: str = "download it again") -> Any:
-    """``torch.load`` with ``weights_only=True`` onto the CPU; a clear error naming ``what`` the file should
-    be and the ``fix`` for pickled code or a broken file."""
+def read_checkpoint(path: Path, what: str = "checkpoint", fix: str = "download it again", *,
+                    refused_fix: str = "Re-save its state_dict alone (torch.save(model.state_dict(), ...))",
+                    error: type[ConfigError] = PretrainedError) -> Any:
+    """The suite's one reader of what ``torch.save`` wrote (weights, checkpoints, predictions): ``torch.load``
+    with ``weights_only=True`` onto the CPU. A file that asks for code (a global beyond tensors and plain
+    values) is refused with ``refused_fix``; anything else that fails to load is corrupt or not such a file at
+    all (random bytes), with ``fix``; both are ``error`` naming ``what`` the file should be."""
     try:
         with torch.serialization.safe_globals(_plain_data_types()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise PretrainedError(f"{path}: refused to load this {what}: it holds more than tensors and plain values "
-                              f"({str(error).splitlines()[0]}); files from others are never unpickled as code. "
-                              f"Re-save its state_dict alone (torch.save(model.state_dict(), ...))") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise PretrainedError(f"{path}: this {what} is corrupt or truncated ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else 'no detail'}); {fix}") from None
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}; {fix}") from None
+    except Exception as failure:  # torch raises many types (UnpicklingError, RuntimeError, KeyError, EOFError)
+        detail = _load_failure(failure)
+        if _asks_for_code(path, detail):
+            raise error(f"{path}: refused to load this {what}: it holds more than tensors and plain values "
+                        f"({detail}); files from others are never unpickled as code. {refused_fix}") from None
+        raise error(f"{path}: this {what} is corrupt or truncated ({detail}); {fix}") from None
+
+
+def _load_failure(failure: Exception) -> str:
+    """The line that says what went wrong: the weights-only unpickler's own error, not torch's preamble."""
+    inner = failure.__context__ if isinstance(failure, pickle.UnpicklingError) and failure.__context__ else failure
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[0] if lines else 'no detail'}"
+
+
+def _asks_for_code(path: Path, detail: str) -> bool:
+    """A pickle (torch's zip archive or its legacy stream) whose load stopped at a global, a function or a
+    class; random bytes that happen to decode as such an opcode are not a pickle to begin with."""
+    with open(path, "rb") as stream:
+        header = stream.read(4)
+    pickled = header.startswith(b"PK\x03\x04") or header.startswith(b"\x80")
+    return pickled and any(word in detail for word in ("GLOBAL", "function", "allowlisted", "add_safe_globals"))
 
 
 def _interpret(saved: Any, path: Path, arch: str, role: str) -> _Weights:

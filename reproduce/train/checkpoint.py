@@ -8,7 +8,6 @@ then a rename); the loop waits for one write before it starts the next, and befo
 
 from __future__ import annotations
 
-import pickle
 import random
 import threading
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from torch import nn
 from reproduce.config import Config, ConfigError
 from reproduce.io import atomic_torch_save
 from reproduce.methods.base import Method
+from reproduce.models.pretrained import read_checkpoint
 from reproduce.train.frozen import digest as frozen_digest
 from reproduce.train.spec import RunSpec
 
@@ -33,17 +33,10 @@ class CheckpointError(ConfigError):
 
 
 def load_state(path: Path, what: str, fix: str) -> Any:
-    """``torch.load`` of a file someone may have handed us: tensors and plain containers only, never
-    code (a crafted pickle is refused), and a clear error naming the file and the fix."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused to load this {what}: it holds more than tensors and plain values "
-                              f"({str(error).splitlines()[0]}). Files from others are never unpickled as code; "
-                              f"{fix}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: this {what} is corrupt or truncated ({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else 'no detail'}); {fix}") from None
+    """A file someone may have handed us, through the suite's one reader (``read_checkpoint``): tensors and
+    plain containers only, never code (a crafted pickle is refused), and a clear error naming the file, whether
+    it is corrupt or refused, and the fix."""
+    return read_checkpoint(path, what, fix, refused_fix=fix, error=CheckpointError)
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,6 +68,12 @@ def resume_key(config: Config, spec: RunSpec) -> dict[str, Any]:
     return {"method": spec.method, "seed": spec.seed, "config": resolved}
 
 
+def continues(state: Any, config: Config, spec: RunSpec) -> bool:
+    """Whether ``state`` (a loaded last.pt) is this run's to continue: this format, written by this config."""
+    return (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
+            and state.get("key") == resume_key(config, spec))
+
+
 def load_checkpoint(spec: RunSpec, config: Config, mode: str) -> dict[str, Any] | None:
     """``mode``: "auto" resumes a checkpoint written by the same config and starts fresh otherwise;
     "always" requires one; "never" ignores it."""
@@ -84,7 +83,7 @@ def load_checkpoint(spec: RunSpec, config: Config, mode: str) -> dict[str, Any] 
             raise FileNotFoundError(f"--resume always: no checkpoint at {path}")
         return None
     state = load_state(path, "checkpoint", "delete it or rerun with --resume never to start this run over")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("key") != resume_key(config, spec):
+    if not continues(state, config, spec):
         if mode == "always":
             raise ConfigError(f"{path} was written by a different configuration; rerun with --resume never "
                               f"(or --resume auto) to start over")

@@ -16,7 +16,6 @@ Honest reporting is built in: the best epoch is chosen on validation top-1 of th
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from reproduce.train.evaluate import Logits, evaluate, to_host
 from reproduce.train.frozen import prepare_frozen
 from reproduce.train.optim import LearningRates, make_optimizer
 from reproduce.train.outputs import BEST_KEYS, epoch_bar, finish, report_epoch
+from reproduce.train.rundir import exclusive, finished_summary
 from reproduce.train.spec import RunSpec
 from reproduce.train.step import DivergedError, train_step
 from reproduce.train.tally import EpochTally
@@ -190,6 +190,7 @@ def write_checkpoint(run: Run, epoch: int, tracker_key: Any, best_files: dict[st
     writer.submit(job)
 
 
+@exclusive  # one process per run, one run per folder (reproduce/train/rundir.py)
 def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epoch: int | None = None,
           on_epoch_end: EpochCallback | None = None, track: bool = True, parent: Tracker | None = None) -> dict[str, Any]:
     """Train ``spec.method`` with ``spec.seed``; returns the summary written to metrics.json.
@@ -203,10 +204,10 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
     run = start(config, spec)
     state = load_checkpoint(spec, config, resume)
     if state is not None:
-        if state["epoch"] >= config.recipe.epochs and (spec.run_dir / "metrics.json").is_file():
+        summary = finished_summary(spec.run_dir) if state["epoch"] >= config.recipe.epochs else None
+        if summary is not None:  # None: absent or unreadable, written again below from the checkpoint
             print(f"[reproduce] {spec.run_dir}: already done ({state['epoch']} epochs, same configuration); "
                   f"--resume never trains it again", flush=True)
-            summary = json.loads((spec.run_dir / "metrics.json").read_text())
             # a killed process or an outage may have kept the trackers from the end of the run
             repair_finished_run(state["tracker_key"], state["history"], summary, enabled=track and run.runtime.is_main)
             return summary

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from reproduce.config import Config
 from reproduce.data.loader import Batches
-from reproduce.io import atomic_torch_save, atomic_write_text
+from reproduce.io import atomic_copy, atomic_torch_save, atomic_write_bytes, atomic_write_text
 from reproduce.methods.base import Method
 from reproduce.runtime import Runtime
 from reproduce.tracking import Tracker, git_commit
@@ -59,7 +59,7 @@ def finish(method: Method, config: Config, spec: RunSpec, tracker: Tracker, eval
                            "selection": summary["selection"]}, spec.run_dir / "predictions.pt")
         save_networks({name: network.state_dict() for name, network in method.eval_networks().items()}, config,
                       spec.run_dir / "final.pt", int(last_row["epoch"]))
-        (spec.run_dir / "best.pt").write_bytes((spec.checkpoint_dir / "best.pt").read_bytes())
+        atomic_copy(spec.checkpoint_dir / "best.pt", spec.run_dir / "best.pt")
         save_code(spec.run_dir / "code.tar.gz")
         for name, path in method.end_of_training(spec.run_dir).items():
             tracker.log_image(name, path)
@@ -91,7 +91,7 @@ def save_code(path: Path) -> None:
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for source in sorted(package.rglob("*.py")):
             archive.add(source, arcname=str(source.relative_to(package.parent)))
-    path.write_bytes(buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------
