@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from reproduce.io import atomic_savefig
 from reproduce.losses import cross_entropy, dkd_parts, target_log_probability
 from reproduce.methods.base import (ConfigError, Method, MethodKind, Networks, Step, check_choice, mean_of, ramp,
                                     register)
@@ -130,5 +131,5 @@ class AEKT(Method):
         axes.set(title="AEKT fc_ser weight", xlabel="z_cls class", ylabel="z_kd class")
         figure.colorbar(image, ax=axes)
         path = run_dir / "aekt_fc_ser.png"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
+        atomic_savefig(figure, path, dpi=120, bbox_inches="tight")
         return {"aekt_fc_ser": path}

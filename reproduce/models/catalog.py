@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reproduce.errors import UserError
+from reproduce.io import atomic_write_text
 
 CHECKPOINT_ROOT = "download_ckpts"
 DATASET_CLASSES = {"cifar100": 100, "tinyimagenet": 200}
@@ -139,7 +140,7 @@ def fetch_teacher(path: str | Path, progress: bool = True) -> Path:
                         f"{archive.min_bytes:,}); deleted it: retry, or download the archive by hand")
     with downloaded.open("rb") as stream:
         digest = hashlib.file_digest(stream, "sha256").hexdigest()
-    (root / f"{archive.name}.sha256").write_text(f"{digest}  {archive.name}\n")
+    atomic_write_text(root / f"{archive.name}.sha256", f"{digest}  {archive.name}\n")
     _unpack(downloaded, root, known.member)
     # A teacher that does not load into its architecture is another release: fail here, not mid-run.
     load_pretrained(known.arch, path, num_classes=DATASET_CLASSES[known.dataset])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from reproduce.io import atomic_path, atomic_torch_save
 from reproduce.models import upstream
 from reproduce.models.base import SplitNet
 from reproduce.models.pretrained import PretrainedError, load_pretrained, read_checkpoint
@@ -50,9 +51,10 @@ def export_network(run_dir: Path, fmt: str, *, network: str | None = None, check
     if fmt == "torchscript":
         with warnings.catch_warnings():  # torch deprecates TorchScript for torch.export; it is what was asked for
             warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.save(torch.jit.script(model), str(target))
+            with atomic_path(target) as temporary, temporary.open("wb") as stream:
+                torch.jit.save(torch.jit.script(model), stream)
     else:
-        torch.save(_upstream_payload(model, arch, fmt, saved.get("epoch")), target)
+        atomic_torch_save(_upstream_payload(model, arch, fmt, saved.get("epoch")), target)
     return target
 
 
