@@ -32,6 +32,7 @@ from reproduce.data.errors import DataFormatError, DataNotFoundError, DataNotPre
 from reproduce.data.sources import ArrayData, FileData, read_source
 from reproduce.data.split import stratified_split
 from reproduce.errors import ConfigError
+from reproduce.io import atomic_torch_save, atomic_write_text
 
 FORMAT_VERSION = 1
 PARTS = ("train", "val", "test")
@@ -119,7 +120,7 @@ def prepare(name: str, raw_root: Path, out_root: Path, *, val_fraction: float, s
             "sha256": {file: _sha256(staging / file) for file in contents["files"].values()},
             "format_version": FORMAT_VERSION,
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return target
 
 
@@ -156,12 +157,12 @@ def _staging_directory(target: Path) -> Iterator[Path]:
 
 
 def _write_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    torch.save({"images": torch.from_numpy(np.ascontiguousarray(images)),
-                "labels": torch.from_numpy(labels.astype(np.int64))}, path)
+    atomic_torch_save({"images": torch.from_numpy(np.ascontiguousarray(images)),
+                       "labels": torch.from_numpy(labels.astype(np.int64))}, path)
 
 
 def _write_index(path: Path, files: list[str], labels: np.ndarray) -> None:
-    path.write_text(json.dumps({"paths": files, "labels": labels.tolist()}))
+    atomic_write_text(path, json.dumps({"paths": files, "labels": labels.tolist()}))
 
 
 def _write_tensor_cache(staging: Path, raw: ArrayData, kept: np.ndarray, held_out: np.ndarray) -> dict:
