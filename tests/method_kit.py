@@ -4,19 +4,21 @@ epoch through the engine's own ``train_epoch``. A test of a new method starts fr
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 from conftest import tiny_config
 from reproduce import models
-from reproduce.config import ScheduleConfig
+from reproduce.config import ConfigError, ScheduleConfig
 from reproduce.methods import Method, Networks, get_method
 from reproduce.runtime import Runtime
-from reproduce.train import LearningRates, make_optimizer, train_epoch
+from reproduce.train import LearningRates, RunSpec, make_optimizer, train, train_epoch
 from reproduce.train.tally import EpochTally
 
 CLASSES, CHANNELS, BATCH = 10, 1, 16
@@ -87,3 +89,44 @@ def total_loss(step: Any, role: str) -> Tensor:
 
 def trainable(method: Method, role: str) -> list[nn.Parameter]:
     return [parameter for parameter in method.roles()[role].parameters() if parameter.requires_grad]
+
+
+def random_logits(seed: int, batch: int = 6, classes: int = 7, scale: float = 3.0) -> Tensor:
+    return scale * torch.randn(batch, classes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def grads_are_none(module: nn.Module) -> bool:
+    return all(parameter.grad is None for parameter in module.parameters())
+
+
+def has_grads(module: nn.Module) -> bool:
+    return any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in module.parameters())
+
+
+def rejects(name: str, bad: dict[str, Any]) -> None:
+    """``bad`` coefficients of method ``name`` are a ConfigError naming ``methods.<name>.<key>``."""
+    with pytest.raises(ConfigError, match=rf"methods\.{name}\.{next(iter(bad))}"):
+        get_method(name).parse_params(bad)
+
+
+def read_history(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "history.tsv") as table:
+        return list(csv.DictReader(table, delimiter="\t"))
+
+
+def trains_and_learns(name: str, params: dict[str, Any], prepared_root: Path, tmp_path: Path,
+                      teacher_runs_root: Path | None = None) -> dict[str, Any]:
+    """A 3-epoch run of method ``name`` on digits: its loss falls and its student beats chance by far.
+    Returns the run's summary (metrics.json)."""
+    # One intra-op thread: on a shared, oversubscribed CPU two spinning threads run several times slower.
+    sections: dict[str, Any] = {"recipe": {"epochs": 3}, "methods": {name: params}, "runtime": {"threads": 1}}
+    if teacher_runs_root is not None:
+        sections["teacher"] = {"runs_root": str(teacher_runs_root)}
+    config = tiny_config(prepared_root, tmp_path, **sections)
+    spec = RunSpec(name, 0, tmp_path / "runs" / name / "seed0", tmp_path / "checkpoints")
+    summary = train(config, spec, track=False)
+    history = read_history(spec.run_dir)
+    first, last = float(history[0]["train/student/loss"]), float(history[-1]["train/student/loss"])
+    assert last < first
+    assert summary["last"]["test"]["student"]["top1"] > 40.0  # chance is 10%
+    return summary

@@ -4,6 +4,7 @@ N > 2 networks, and one step with every ensemble option."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reproduce import models
-from reproduce.methods import Method, MethodKind, Networks, get_method
+import method_kit
+from method_kit import batch, rejects, trains_and_learns
+from reproduce.methods import Method, MethodKind, get_method
 from reproduce.methods.kdcl import (
     ENSEMBLES,
     cross_entropy_weights,
@@ -23,8 +25,6 @@ from reproduce.methods.kdcl import (
     naive_ensemble,
 )
 
-CLASSES, CHANNELS, BATCH = 10, 1, 16
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Two networks, three classes, labels (0, 2).
@@ -34,19 +34,7 @@ LABELS = torch.tensor([0, 2])
 
 
 def build(**params: Any) -> Method:
-    def create(arch: str) -> nn.Module:
-        return models.create(arch, CLASSES, in_channels=CHANNELS)
-
-    torch.manual_seed(0)
-    method_cls = get_method("kdcl")
-    networks = Networks("resnet8", "resnet8", CLASSES, CHANNELS, create, lambda: create("resnet8"))
-    return method_cls(networks, method_cls.parse_params(params)).train()
-
-
-def batch(seed: int = 0) -> tuple[Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(BATCH, CHANNELS, 8, 8, generator=generator),
-            torch.randint(0, CLASSES, (BATCH,), generator=generator))
+    return method_kit.build("kdcl", **params)
 
 
 def softmax(row: list[float]) -> list[float]:
@@ -217,3 +205,14 @@ def test_defaults_and_declarations() -> None:
         "kd_weight": {"type": "float", "low": 0.25, "high": 4, "log": True},
         "ensemble": {"type": "categorical", "choices": ["min_logit", "naive", "mean", "linear"]},
     }
+
+
+@pytest.mark.parametrize("bad", [{"ensemble": "general"}, {"linear_objective": "ridge"}, {"extra_students": -1}])
+def test_bad_options_name_their_key(bad: dict) -> None:
+    rejects("kdcl", bad)
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_the_student_learns(prepared_root: Path, tmp_path: Path) -> None:
+    summary = trains_and_learns("kdcl", {}, prepared_root, tmp_path)
+    assert set(summary["signals"]) == {"ensemble_ce"}

@@ -1,5 +1,5 @@
 """The shared losses of reproduce/losses.py against hand-computed values and exact identities (each
-method's own maths is tested with the method: tests/test_methods.py, tests/test_kdcl.py)."""
+method's own maths is tested with the method: tests/test_<method>.py)."""
 
 from __future__ import annotations
 
