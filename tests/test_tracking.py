@@ -19,6 +19,7 @@ import pytest
 from conftest import PROJECT, tiny_config
 from reproduce.config import TrackingConfig, config_from_dict
 from reproduce.tracking import Tracker, git_commit, read_wandb_offline_run
+from reproduce.tracking.wandb_file import offline_parts
 
 
 def _tracking_raw(tmp_path: Path, wandb: bool = True, mlflow: bool = True, uri: str | None = None) -> dict:
@@ -28,16 +29,6 @@ def _tracking_raw(tmp_path: Path, wandb: bool = True, mlflow: bool = True, uri: 
 
 def _tracking(tmp_path: Path, **choices) -> TrackingConfig:
     return config_from_dict({"tracking": _tracking_raw(tmp_path, **choices)}).tracking
-
-
-@pytest.fixture(scope="session")
-def empty_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite store with its tables made: creating them costs seconds, copying the file nothing."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
 
 
 @pytest.fixture
@@ -64,7 +55,7 @@ def _mlflow_runs(tmp_path: Path) -> dict:
 
 
 def _wandb_runs(tmp_path: Path, key: str) -> list[dict]:
-    return [read_wandb_offline_run(path) for path in sorted((tmp_path / "wandb").glob(f"offline-run-*-{key}"))]
+    return [read_wandb_offline_run(path) for path in offline_parts(tmp_path / "wandb", key)]
 
 
 def _tracker(config: TrackingConfig, tmp_path: Path, name: str = "r", **kwargs) -> Tracker:
@@ -75,6 +66,7 @@ def _tracker(config: TrackingConfig, tmp_path: Path, name: str = "r", **kwargs) 
 # Through the engine
 
 
+@pytest.mark.slow
 def test_a_trained_run_can_be_read_back_from_mlflow_and_wandb(prepared_root: Path, isolated: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -109,6 +101,7 @@ def test_a_trained_run_can_be_read_back_from_mlflow_and_wandb(prepared_root: Pat
     assert (logged["group"], logged["job_type"]) == ("test-group-vanilla", "train")  # seeds of one method together
 
 
+@pytest.mark.slow
 def test_a_pre_empted_training_run_continues_the_same_tracked_runs(prepared_root: Path, isolated: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -129,6 +122,7 @@ def test_a_pre_empted_training_run_continues_the_same_tracked_runs(prepared_root
     assert [[row["_step"] for row in part["history"]] for part in parts] == [[1], [2]]
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_never_fails_the_run(prepared_root: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from reproduce.train import RunSpec, train
@@ -155,6 +149,7 @@ def _closed_port_uri() -> str:
 # The Tracker itself
 
 
+@pytest.mark.slow
 def test_importing_tracking_loads_neither_backend_and_turns_telemetry_off() -> None:
     script = ("import os, sys; import reproduce.tracking; "
               "print(sorted(m for m in ('wandb', 'mlflow') if m in sys.modules), os.environ['MLFLOW_DISABLE_TELEMETRY'])")
@@ -230,23 +225,29 @@ def test_a_suspended_run_is_resumed_by_its_key(isolated: Path) -> None:
     assert [[row["x"] for row in part["history"]] for part in _wandb_runs(tmp_path, first.key)] == [[0.25], [0.5]]
 
 
+@pytest.mark.slow
 def test_a_process_that_ends_without_finishing_leaves_its_runs_resumable(tmp_path: Path, mlflow_store: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     script = f"""
 from pathlib import Path
 from reproduce.config import config_from_dict
 from reproduce.tracking import Tracker
-config = config_from_dict({{"tracking": {{"wandb": {{"enabled": False}}, "mlflow": {{
+config = config_from_dict({{"tracking": {{"wandb": {{"enabled": True, "mode": "offline"}}, "mlflow": {{
     "enabled": True, "tracking_uri": "sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"}}}}}}).tracking
 tracker = Tracker(config, run_dir=Path("{tmp_path}"), run_name="left", tags={{}}, params={{}})
 tracker.log_epoch({{"epoch": 1, "x": 0.25}})
+print(tracker.key)
 raise SystemExit(3)  # neither finish nor suspend: the error happened outside the engine
 """
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, timeout=120, capture_output=True, text=True)
     assert done.returncode == 3, done.stderr
     run = _mlflow_runs(tmp_path)["left"]
     assert run.info.status == "KILLED" and run.data.metrics == {"x": 0.25}
+    # The exit hook ran before W&B's own teardown: the W&B part is suspended (pre-empted), with its epoch.
+    (part,) = _wandb_runs(tmp_path, done.stdout.strip())
+    assert part["preempted"] and part["exit_code"] == 0 and [row["x"] for row in part["history"]] == [0.25]
 
 
 def test_a_failing_backend_is_switched_off_with_one_warning(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,3 +343,33 @@ def test_wandb_state_stays_in_the_project(tmp_path: Path, monkeypatch: pytest.Mo
     assert {variable: os.environ[variable] for variable in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")} == {
         "WANDB_CACHE_DIR": str(tmp_path / ".wandb-state" / "cache"), "WANDB_DATA_DIR": str(tmp_path / ".wandb-state" / "data"),
         "WANDB_CONFIG_DIR": str(tmp_path / ".wandb-state" / "config")}
+
+
+def test_a_locked_sqlite_store_is_retried_then_switched_off_with_a_pointer_to_a_server(
+        isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from reproduce.tracking.backends import mlflow_backend
+
+    monkeypatch.setattr(mlflow_backend, "LOCKED_RETRY_PAUSES_S", (0.01, 0.02))
+    log_batch, locked_for = MlflowClient.log_batch, {"calls": 2}
+
+    def busy(self, run_id, metrics=(), **kwargs):
+        if metrics and locked_for["calls"] > 0:
+            locked_for["calls"] -= 1
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return log_batch(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", busy)
+    config = _tracking(isolated, wandb=False)
+    tracker = _tracker(config, isolated, name="waited")
+    tracker.log_epoch({"epoch": 1, "x": 1.0})  # locked twice, stored at the third try
+    tracker.finish({})
+    assert _mlflow_runs(isolated)["waited"].data.metrics == {"x": 1.0}
+
+    locked_for["calls"] = 10
+    with pytest.warns(UserWarning, match=r"StoreLockedError: .*locked through 2 retries.*MLFLOW_TRACKING_URI") as caught:
+        tracker = _tracker(config, isolated, name="gave-up")
+        tracker.log_epoch({"epoch": 1, "x": 1.0})
+        tracker.finish({})
+    assert len(caught) == 1 and locked_for["calls"] == 7  # one call and two retries, then off

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import PROJECT, tiny_config
 from reproduce.tracking import ledger, read_wandb_offline_run
-from test_tracking import _tracking, empty_mlflow_store, mlflow_store  # noqa: F401
+from test_tracking import _tracking, mlflow_store  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

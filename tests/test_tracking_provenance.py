@@ -11,7 +11,7 @@ import pytest
 
 from reproduce.config import config_from_dict
 from reproduce.tracking import fingerprint, git_commit, training_params
-from test_tracking import _mlflow_runs, _tracker, _tracking, _wandb_runs, empty_mlflow_store, isolated, mlflow_store  # noqa: F401
+from test_tracking import _mlflow_runs, _tracker, _tracking, _wandb_runs, isolated, mlflow_store  # noqa: F401
 
 
 def test_training_params_hold_the_methods_effective_coefficients() -> None:

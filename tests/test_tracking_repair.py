@@ -14,7 +14,7 @@ import pytest
 from reproduce.io import write_table
 from reproduce.tracking import Tracker, forget_outages, ledger, repair_finished_run
 from reproduce.tracking.__main__ import main as tracking_command
-from test_tracking import _mlflow_runs, _tracker, _tracking, _wandb_runs, empty_mlflow_store, isolated, mlflow_store  # noqa: F401
+from test_tracking import _mlflow_runs, _tracker, _tracking, _wandb_runs, isolated, mlflow_store  # noqa: F401
 
 ROWS = [{"epoch": epoch, "val/student/top1": 10.0 * epoch, "train/student/loss": 1.0 / epoch} for epoch in (1, 2, 3)]
 SUMMARY = {"best": {"epoch": 3, "val": {"student": {"top1": 30.0}}}, "method": "kd"}

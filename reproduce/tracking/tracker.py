@@ -44,7 +44,10 @@ os.environ.setdefault("WANDB_INIT_TIMEOUT", "15")
 
 # Ending a run drains its channel and uploads the final checkpoint; a remote server may take a while.
 CLOSE_TIMEOUT_S = 300.0
-START_TIMEOUT_S = 60.0  # above the services' own start timeouts (set above), which end a start first
+# A start is bounded by the services' own timeouts (set above) when the network is the problem; this
+# only caps one that hangs past them. It is long because a start also imports the library and may
+# wait for another process creating the same SQLite store: 60 s was exceeded on a loaded 2-core machine.
+START_TIMEOUT_S = CLOSE_TIMEOUT_S
 SYNC_HINT = "`python -m reproduce.tracking sync`"
 
 _DOWN: dict[str, str] = {}  # destination -> why it was switched off, for the rest of this process
@@ -239,7 +242,7 @@ def _describe(error: BaseException) -> str:
     while error.__cause__ is not None:
         error = error.__cause__
     lines = [line for line in str(error).splitlines() if line.strip()] or [""]
-    return f"{type(error).__name__}: {lines[0][:300]}"
+    return f"{type(error).__name__}: {lines[0][:600]}"
 
 
 def _disk_full(error: BaseException) -> bool:

@@ -5,13 +5,28 @@ runs back with it. wandb ships the record schema but no reader."""
 from __future__ import annotations
 
 import json
+import re
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
 BLOCK = 32768  # the log's block size
 HEADER = 7  # a record's header: 4-byte CRC, 2-byte length, 1-byte kind (1 full, 2 first, 3 middle, 4 last)
 FILE_HEADER = 7
+
+
+def part_suffix() -> str:
+    """The end of a run part's folder name: W&B names a part's folder by the second it started, so two
+    parts of one run started within a second (a repair right after a failure) would share one."""
+    return f"{time.time_ns() // 1_000_000 % 1000:03d}"
+
+
+def offline_parts(wandb_dir: Path, key: str) -> list[Path]:
+    """The folders of run ``key``'s offline parts (``offline-run-<time>-<key>[-<ms>]``), oldest first."""
+    name = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(key)}(-\d{{3}})?")
+    return sorted(path for path in Path(wandb_dir).glob("offline-run-*") if name.fullmatch(path.name)
+                  and any(path.glob("run-*.wandb")))
 
 
 def read_wandb_offline_run(run_dir: Path) -> dict[str, Any]:

@@ -35,13 +35,22 @@ def _client(uri: str) -> Any:
     return MlflowClient(uri)
 
 
+class StoreLockedError(RuntimeError):
+    """SQLite stayed locked through every retry: too many writers for one file."""
+
+
 def _retry_locked(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     for pause in (*LOCKED_RETRY_PAUSES_S, None):
         try:
             return call(*args, **kwargs)
         except Exception as error:  # noqa: BLE001  (MLflow wraps SQLite's OperationalError in its own)
-            if pause is None or "database is locked" not in str(error):
+            if "database is locked" not in str(error):
                 raise
+            if pause is None:
+                raise StoreLockedError(
+                    f"the SQLite store stayed locked through {len(LOCKED_RETRY_PAUSES_S)} retries over "
+                    f"{sum(LOCKED_RETRY_PAUSES_S):g} s: too many writers for one file; run `mlflow server` and set "
+                    f"MLFLOW_TRACKING_URI=http://<host>:5000 (README, Tracking)") from None
             time.sleep(pause)
     raise AssertionError("unreachable")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from reproduce.config import TrackingConfig
 from reproduce.tracking.backend import BACKENDS, RunInfo, metric_values
-from reproduce.tracking.wandb_file import read_wandb_offline_run
+from reproduce.tracking.wandb_file import offline_parts, part_suffix, read_wandb_offline_run
 
 
 # W&B's writer drops records silently on a full disk, while its Python logger prints a ~30-line "Logging
@@ -39,11 +39,8 @@ def wandb_dir() -> Path:
 
 def held_steps(key: str) -> set[int]:
     """The steps the offline parts of run ``key`` recorded on disk."""
-    steps: set[int] = set()
-    for part in wandb_dir().glob(f"offline-run-*-{key}"):
-        if any(part.glob("run-*.wandb")):
-            steps.update(int(row["_step"]) for row in read_wandb_offline_run(part)["history"] if "_step" in row)
-    return steps
+    return {int(row["_step"]) for part in offline_parts(wandb_dir(), key)
+            for row in read_wandb_offline_run(part)["history"] if "_step" in row}
 
 
 @BACKENDS.register("wandb")
@@ -85,7 +82,7 @@ class WandbBackend:
         settings = wandb.Settings(finish_timeout=0.9 * CLOSE_TIMEOUT_S, finish_timeout_raises=True, console="off",
                                   x_disable_stats=self.mode != "online",
                                   x_disable_machine_info=True, x_save_requirements=False, disable_git=True,
-                                  save_code=False, disable_job_creation=True)
+                                  save_code=False, disable_job_creation=True, x_sync_dir_suffix=part_suffix())
         # resume="allow" continues the run if W&B has it and starts it otherwise ("must" would refuse an
         # online run whose first part never reached the server).
         self.run = wandb.init(project=self.config.project, entity=self.config.wandb.entity, group=self.info.group,
