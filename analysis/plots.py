@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.runs import RunSet
+from reproduce.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ def write_curves(runset: RunSet, labels: list[str], directory: Path, frozen_teac
     written = {}
     for curve in CURVES:
         path = directory / f"{curve.stem}.tsv"
-        curve_table(runset, labels, curve, frozen_teachers).to_csv(path, sep="\t", index=False, float_format="%.6g")
+        atomic_write_text(path, curve_table(runset, labels, curve, frozen_teachers).to_csv(
+            sep="\t", index=False, float_format="%.6g", lineterminator="\n"))
         written[curve.stem] = path
     return written

@@ -4,7 +4,6 @@ figures (copied from sweep-results/, never redrawn)."""
 
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from analysis.runs import EPOCH_LABELS, RunSet
 from analysis.sweeps import Sweep
 from analysis.tables import temperature_text
 from reproduce.config import AnalysisConfig
+from reproduce.io import atomic_copy
 
 POOLING = ("bars: the seeds' test predictions pooled; the printed ECE (%): the mean over seeds of each seed's ECE, "
            "as in the tables")
@@ -144,7 +144,7 @@ def sweep_figures(sweeps: list[Sweep], settings: AnalysisConfig, directory: Path
         for source in sweep.shown_figures():
             stem = f"sweep_{sweep.method}_{source.stem}"
             target = directory / f"{stem}.png"
-            shutil.copyfile(source, target)
+            atomic_copy(source, target)
             entries[sweep.method].append(FigureEntry(
                 stem, f"{display_name(sweep.method, settings)}: {source.stem.replace('_', ' ')}",
                 f"Drawn by the sweep with Optuna's matplotlib visualisation ({source}). Budget: {sweep.budget}.",
