@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reproduce.config import Config
-from reproduce.io import atomic_write_text
+from reproduce.io import atomic_write_text, clean_temporaries
 
 from pipeline.live import DVCLIVE_ROOT, best_key, seed_statistics, write_live
 
@@ -26,6 +26,7 @@ def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), ch
     from sweeps.study import RESULTS_ROOT, preflight, run_study
 
     cls = get_method(method)
+    clean_temporaries(live_root / method, RESULTS_ROOT / method)  # left by a killed stage; runs clean their own
     swept = plan_job(config, method, track=track) is not None  # checks the search space before any training
     if swept:
         preflight(config, method)  # and what would fail every trial (no validation split, ...)
