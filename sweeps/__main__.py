@@ -27,8 +27,8 @@ examples:
   python -m sweeps run --method bdkd --storage postgresql+psycopg://user:pw@host/optuna   # same line on every machine
   python -m sweeps run --method bdkd --storage journal:studies/bdkd.log    # journal file, no database
   python -m sweeps run --method kd --multi-objective      # val top-1 vs val ECE: a Pareto front
-  python -m sweeps run --method kd --set sweep.n_trials=20 --set sweep.epochs_per_trial=8 --workers 2
-                                                          # a study, not a smoke test, on the embedded digits
+  python -m sweeps run --method kd --set sweep.n_trials=20 --set sweep.epochs_per_trial=8 \\
+      --set sweep.pruner.name=none --workers 2            # a study, not a smoke test, on the embedded digits
   python -m sweeps report --method kd                     # rewrite the results from the storage
   optuna-dashboard sqlite:///studies/kd.db                # watch studies live (pip install optuna-dashboard)
 

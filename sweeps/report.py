@@ -140,8 +140,9 @@ def write_best_params(path: Path, method: str, summary: dict[str, Any], config: 
              f"{summary['budget']['text']}; {complete} complete trial(s).\n")
     if summary["smoke"]:
         advice = (f"# A smoke test, not a tuning result: fewer than {MIN_COMPLETE_TRIALS} complete trials. Do not "
-                  f"report or train these as tuned values.\n# A study: python -m sweeps run --method {method} --set "
-                  f"sweep.n_trials={2 * MIN_COMPLETE_TRIALS} --set sweep.epochs_per_trial={config.recipe.epochs}\n")
+                  f"report or train these as tuned values.\n# A study (complete trials count; pruned ones do not): "
+                  f"python -m sweeps run --method {method} --set sweep.n_trials={2 * MIN_COMPLETE_TRIALS} --set "
+                  f"sweep.epochs_per_trial={config.recipe.epochs} --set sweep.pruner.name=none --workers 2\n")
     else:
         advice = f"# Train with them: python -m reproduce train --method {method} --params-from {path}\n"
     atomic_write_text(path, found + advice + yaml.safe_dump({"methods": {method: best["params"]}}, sort_keys=False))
@@ -156,7 +157,7 @@ def trials_table(study: optuna.Study, trials: list[FrozenTrial], names: list[str
         return pd.DataFrame(columns=["number", "state", *names, "epochs_trained", "duration_s", "retry_of", "error"])
     value_columns = [c for c in frame.columns if c == "value" or c.startswith(("value_", "values_"))]
     frame = frame.rename(columns=dict(zip(value_columns, names)))
-    frame["duration_s"] = frame["duration"].dt.total_seconds().round(2)
+    frame["duration_s"] = pd.to_timedelta(frame["duration"]).dt.total_seconds().round(2)  # NaT while running
     by_number = {t.number: t for t in trials}
     frame["epochs_trained"] = [by_number[n].user_attrs.get(EPOCHS_ATTR) for n in frame["number"]]
     frame["retry_of"] = [retried_from(by_number[n]) for n in frame["number"]]
@@ -181,6 +182,7 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
 def draw_figures(study: optuna.Study, trials: list[FrozenTrial], names: list[str], summary: dict[str, Any],
                  directory: Path) -> dict[str, Path]:
     """PNG files by name; each only where it has something to show."""
+    import matplotlib
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as plots
 
@@ -199,15 +201,16 @@ def draw_figures(study: optuna.Study, trials: list[FrozenTrial], names: list[str
         wanted["pareto_front"] = lambda: plots.plot_pareto_front(study, target_names=names)
     written = {}
     for name, draw in wanted.items():
-        with warnings.catch_warnings():
+        # Optuna's plots switch the process's style (plt.style.use): keep that to the plot.
+        with warnings.catch_warnings(), matplotlib.rc_context():
             warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
             axes = draw()
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        figure.suptitle(f"{study.study_name}: {summary['budget']['text']}", fontsize=8, y=0.995)
-        path = directory / f"{name}.png"
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
-        plt.close(figure)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            figure.suptitle(f"{study.study_name}: {summary['budget']['text']}", fontsize=8, y=0.995)
+            path = directory / f"{name}.png"
+            with atomic_path(path) as temporary:
+                figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+            plt.close(figure)
         written[name] = path
     return written
 

@@ -453,7 +453,11 @@ def test_results_say_their_budget_and_hide_importances_of_a_smoke_test(tmp_path:
     storage = f"sqlite:///{tmp_path / 'kd.db'}"
     study = synthetic_study(storage, "kd-synthetic", n_complete, n_failed=1)
 
+    import matplotlib
+
+    style = matplotlib.rcParams["axes.facecolor"]
     summary = write_results(study, "kd", config, storage_url=storage, track=False, root=tmp_path / "results")
+    assert matplotlib.rcParams["axes.facecolor"] == style  # Optuna's ggplot style stayed inside its plots
 
     folder = tmp_path / "results/kd"
     assert summary == json.loads((folder / "summary.json").read_text())
