@@ -75,11 +75,12 @@ def aside_dir(spec: RunSpec, hash_: str) -> Path:
 def keep_one_run(config: Config, spec: RunSpec, resume: str) -> None:
     """Settle the folders before the run reads them (see the module's docstring)."""
     state = _checkpoint(spec)
-    if state is not None and state != "unreadable" and continues(state, config, spec):
+    readable = state is not None and state != "unreadable"
+    if readable and resume != "never" and continues(state, config, spec):
         return
     own = config_hash(config, spec)
     if resume == "never":
-        if state is not None and state != "unreadable" and _recorded_hash(state) == own:
+        if readable and _recorded_hash(state) == own:
             _remove(_entries(spec))
             print(f"[reproduce] --resume never: removed this configuration's previous run from {spec.run_dir} and "
                   f"{spec.checkpoint_dir}", flush=True)
@@ -154,9 +155,12 @@ def _set_aside(spec: RunSpec, state: Any) -> None:
         (target / inside).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(entry, target / inside)
     epoch = f", epoch {state['epoch']}" if isinstance(state, dict) and "epoch" in state else ""
-    what = f"config {recorded}{epoch}" if recorded != UNIDENTIFIED else "no readable checkpoint names its configuration"
+    if recorded == UNIDENTIFIED:
+        what, back = "no readable checkpoint names its configuration", "nothing resumes it: delete it once read"
+    else:
+        what, back = f"config {recorded}{epoch}", "going back to that configuration resumes it"
     print(f"[reproduce] {spec.run_dir} and {spec.checkpoint_dir} held another run ({what}): moved it aside to "
-          f"{target}/ (going back to that configuration resumes it); starting from scratch", flush=True)
+          f"{target}/ ({back}); starting from scratch", flush=True)
 
 
 def _move_back(kept: Path, spec: RunSpec) -> None:
