@@ -18,6 +18,7 @@ TEMPLATES = Path(__file__).with_name("templates")
 PAGE_TEMPLATE = "report.html.j2"
 # The width of the page's content (the CSS main max-width; padding comes on top): what a table may take.
 CONTENT_WIDTH_PX = 1180
+WRAP_AFTER_CHARACTERS = 40  # table cells longer than this (notes, citations) may wrap; numbers never do
 
 
 @dataclass
@@ -41,6 +42,7 @@ def _environment() -> jinja2.Environment:
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters["data_uri"] = png_data_uri
+    environment.globals.update(content_width=CONTENT_WIDTH_PX, wrap_after=WRAP_AFTER_CHARACTERS)
     return environment
 
 

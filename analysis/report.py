@@ -26,14 +26,13 @@ from typing import Any
 
 import torch
 
-from analysis import registry
-from analysis.registry import display_name, ordered
 from analysis.aggregate import Aggregate, build_records
 from analysis.calibration import MIN_BIN_COUNT, T_MAX, T_MIN, calibrate_run
 from analysis.metadata import describe_commit, runs_table, seeds_text, training_commits
-from analysis.page import CONTENT_WIDTH_PX, FigureEntry, render_page
+from analysis.page import FigureEntry, render_page
 from analysis.plots import CURVES, write_curves
 from analysis.published import load_published, paper_vs_reproduced, published_path
+from analysis.registry import display_name, has_frozen_teacher, ordered
 from analysis.report_figures import curve_figures, reliability_figures, signal_figures, sweep_figures
 from analysis.runs import EPOCH_LABELS, PROTOCOLS, AnalysisError, RunSet, Setup, load_runs
 from analysis.summary import build_summary
@@ -44,14 +43,9 @@ from reproduce.metrics import DEFAULT_BINS
 from reproduce.tracking import Tracker, git_commit
 
 OUTPUT_SUFFIXES = {"tables": (".md", ".tex", ".csv"), "figures": (".png", ".pdf"), "plots": (".tsv",)}
-ECE_CONVENTION = ("ECE (%) everywhere (tables, figures, summary.json) is the mean over seeds of each seed's ECE, in "
-                  "percent. The reliability diagrams draw the seeds' test predictions pooled into one set of bins "
-                  "(the picture), and print that same mean over seeds.")
 # The frozen teacher of an offline run and the teacher run it was loaded from score the same; beyond this
 # (percentage points, a few images of a small test set) they are not the same network.
 FROZEN_TEACHER_TOLERANCE = 0.1
-# HTML cells longer than this (notes, citations) may wrap; numbers never do.
-WRAP_AFTER_CHARACTERS = 40
 
 
 @dataclass
@@ -112,9 +106,8 @@ def run_analysis(runs_root: Path, sweeps_root: Path, out_dir: Path, params_path:
         curve_files=[f"plots/{path.name}: {curve.title}" for curve in CURVES if (path := plots.get(curve.stem))],
         sweeps=sweeps, sweep_figures=sweep_entries,
         sweep_names={sweep.method: display_name(sweep.method, settings) for sweep in sweeps},
-        ece_convention=ECE_CONVENTION, t_min=f"{T_MIN:g}", t_max=f"{T_MAX:g}", min_bin_count=MIN_BIN_COUNT,
-        seeds=seeds_text(runset, labels), commits=training_commits(runset), params_path=params_path,
-        params_text=params_path.read_text(), content_width=CONTENT_WIDTH_PX, wrap_after=WRAP_AFTER_CHARACTERS)
+        t_min=f"{T_MIN:g}", t_max=f"{T_MAX:g}", min_bin_count=MIN_BIN_COUNT, seeds=seeds_text(runset, labels),
+        commits=training_commits(runset), params_path=params_path, params_text=params_path.read_text())
     write_text(out_dir / "index.html", page)
 
     figures = reliability + curves + signals + [entry for entries in sweep_entries.values() for entry in entries]
@@ -151,7 +144,7 @@ def check_frozen_teachers(runset: RunSet, teacher_seed: int) -> tuple[frozenset[
     or a teacher whose BatchNorm statistics follow the training batches, SOKD's frozen_bn: train): that
     label's teacher is then reported in its own row. Without the teacher run there is nothing to check
     and the registry's word stands."""
-    labels = {run.label for run in runset.runs if registry.has_frozen_teacher(run.label)}
+    labels = {run.label for run in runset.runs if has_frozen_teacher(run.label)}
     source = {run.seed: run for run in runset.of("teacher")}.get(teacher_seed)
     expected = source.test_metrics("last", "teacher").get("top1") if source is not None else None
     if expected is None:

@@ -11,20 +11,23 @@ import re
 import shutil
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import torch
 import yaml
+from markupsafe import escape
 
 from analysis.__main__ import main
 from analysis.calibration import T_MAX, T_MIN
 from analysis.report import run_analysis
 from analysis.tables import FROZEN, NO_TS, latex_escape
+from reproduce.config import load_config
 from reproduce.data.prepare import prepare
 from reproduce.train import RunSpec, train
 from reproduce.metrics import expected_calibration_error, fit_temperature, temperature_scaled
 from conftest import PROJECT, tiny_config
-from test_analysis_report import write_sweep_results
+from sweeps.report import write_results
 
 pytestmark = pytest.mark.slow  # every test here reads runs trained for the module (about a minute on 2 cores)
 
@@ -319,6 +322,19 @@ def test_paper_protocol_runs(paper_runs_root: Path, tmp_path: Path) -> None:
 # Bad inputs, signals, sweeps, trackers
 
 
+def write_real_sweep_results(root: Path, params: Path) -> None:
+    """sweep-results/ as the sweeps write it (sweeps.report.write_results, Optuna's own figures) for two
+    small real studies: kd with 12 complete trials (importances computed), dkd with 3 (a smoke test)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    config = load_config(params)
+    for method, trials in (("kd", 12), ("dkd", 3)):
+        study = optuna.create_study(study_name=f"{method}-test", direction="maximize",
+                                    sampler=optuna.samplers.RandomSampler(seed=0))
+        study.optimize(lambda trial: 60 - (trial.suggest_float("temperature", 1, 8) - 4) ** 2
+                       + trial.suggest_float("weight", 0.1, 1), n_trials=trials)
+        write_results(study, method, config, storage_url="sqlite:///:memory:", track=False, root=root)
+
+
 def test_bad_inputs_become_notes_and_signals_sweeps_and_trackers_work(runs_root: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     for seed in SEEDS:
@@ -330,9 +346,9 @@ def test_bad_inputs_become_notes_and_signals_sweeps_and_trackers_work(runs_root:
     (runs / "kd" / "seed0").mkdir(parents=True)  # an unfinished run: no metrics.json
     (runs / "dml" / "seed0").mkdir(parents=True)
     (runs / "dml" / "seed0" / "metrics.json").write_text("{ not json")
-    write_sweep_results(tmp_path / "sweeps", "kd", complete=12, importance={"val_top1": {"temperature": 0.8}})
-
     params = write_params(tmp_path / "params.yaml")
+    write_real_sweep_results(tmp_path / "sweeps", params)
+
     report = run_analysis(runs, tmp_path / "sweeps", tmp_path / "reports", params, track=True)
 
     notes = "\n".join(report.notes)
@@ -344,8 +360,16 @@ def test_bad_inputs_become_notes_and_signals_sweeps_and_trackers_work(runs_root:
 
     page = (tmp_path / "reports" / "index.html").read_text()
     assert "expert_fraction" in page and (tmp_path / "reports" / "figures" / "signals_vanilla.png").exists()
-    assert (tmp_path / "reports" / "figures" / "sweep_kd_param_importances.png").exists() and "Best parameters" in page
-    assert "No sweep was run" not in page and "methods:\n  kd:" in page
+    assert "No sweep was run" not in page and "methods:\n  kd:" in page and "Best parameters" in page
+    # The sweeps' own figures, embedded with their budget; importances only where 10 trials completed.
+    kd, dkd = (json.loads((tmp_path / "sweeps" / method / "summary.json").read_text()) for method in ("kd", "dkd"))
+    assert kd["importance"] and not kd["smoke"] and dkd["importance"] is None and dkd["smoke"]
+    figures = {path.name for path in (tmp_path / "reports" / "figures").glob("sweep_*.png")}
+    assert "sweep_kd_param_importances.png" in figures and "sweep_kd_optimization_history.png" in figures
+    assert "sweep_dkd_optimization_history.png" in figures and "sweep_dkd_param_importances.png" not in figures
+    sweeps = page[page.index('<section id="sweeps">'):page.index('<section id="metadata">')]
+    assert escape(kd["budget"]["text"]) in sweeps and escape(dkd["budget"]["text"]) in sweeps  # as jinja2 escapes
+    assert sweeps.count("<p class=\"notes\">A smoke test, not a tuning result") == 1 and "No parameter importance" in sweeps
 
     from mlflow.tracking import MlflowClient
 

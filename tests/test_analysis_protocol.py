@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+import analysis.report
 from analysis.aggregate import Aggregate, welch_difference
 from analysis.calibration import T_MAX, T_MIN, calibrate_run
 from analysis.published import NOT_COMPARABLE, load_published, paper_vs_reproduced
@@ -134,12 +135,18 @@ def write_suite(root: Path, selection: str) -> None:
 
 @pytest.fixture(scope="module", params=["val", "test"])
 def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """run_analysis on the hand-written suite, once per selection."""
+    """run_analysis on the hand-written suite, once per selection. The training-curve figures do not depend
+    on the selection: drawn in the "val" suite only (a third of the fast tier's time otherwise)."""
     selection = request.param
     tmp = tmp_path_factory.mktemp(f"suite-{selection}")
     write_suite(tmp / "runs", selection)
     params = write_params(tmp / "params.yaml", val_fraction=0.15 if selection == "val" else 0.0)
-    report = run_analysis(tmp / "runs", tmp / "sweeps", tmp / "reports", params, track=False)
+    with pytest.MonkeyPatch.context() as patch:
+        if selection == "test":
+            patch.setattr(analysis.report, "curve_figures", lambda *args: [])
+        report = run_analysis(tmp / "runs", tmp / "sweeps", tmp / "reports", params, track=False)
+    if selection == "val":
+        assert {"curves_overview.png", "curves_kd.png"} <= {path.name for path in (tmp / "reports" / "figures").iterdir()}
     return selection, report, tmp / "reports"
 
 
