@@ -20,8 +20,8 @@ from pipeline.live import DVCLIVE_ROOT, best_key, seed_statistics, write_live
 def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), checkpoints_root: Path = Path("checkpoints"),
               live_root: Path = DVCLIVE_ROOT, resume: str = "auto", track: bool = True) -> dict[str, Any]:
     """Train ``method`` for every seed, run its study (a method with a search space), write ``dvclive/<method>/``."""
+    from reproduce.launch import Launch, launch_runs, runs_for
     from reproduce.methods import get_method
-    from reproduce.train import RunSpec, train
     from sweeps.plan import plan_job
     from sweeps.study import RESULTS_ROOT, preflight, run_study
 
@@ -30,11 +30,12 @@ def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), ch
     swept = plan_job(config, method, track=track) is not None  # checks the search space before any training
     if swept:
         preflight(config, method)  # and what would fail every trial (no validation split, ...)
-    summaries = []
-    for seed in config.pipeline.seeds:
-        spec = RunSpec(method, seed, runs_root / method / f"seed{seed}", checkpoints_root / method / f"seed{seed}")
-        summaries.append(train(config, spec, resume=resume, track=track))
-        print(f"[{method}] seed {seed}: {headline_line(summaries[-1])}", flush=True)
+    # The seeds one after the other here, or at once on pipeline.devices (logs in checkpoints/launch/).
+    runs = runs_for([method], config.pipeline.seeds, runs_root, checkpoints_root)
+    launch = Launch(f"stage-{method}", config, runs, checkpoints_root / "launch", resume, track)
+    summaries = launch_runs(launch).summaries()  # RunsFailedError names the runs that failed and their logs
+    for seed, summary in zip(config.pipeline.seeds, summaries):
+        print(f"[{method}] seed {seed}: {headline_line(summary)}", flush=True)
     study = run_study(config, method, track=track) if swept else None
     if not swept:  # the stage declares the results folder of every method
         atomic_write_text(RESULTS_ROOT / method / "not_swept.txt",
