@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from reproduce.errors import ConfigError, UserError
+from reproduce.errors import ConfigError
 
 if TYPE_CHECKING:  # the config's pydantic models are loaded by a command, not by --help
     from reproduce.config import Config
@@ -79,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="study name (default: the study of the current settings, as `run` would use)")
 
     args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    from reproduce.cli import run_reporting_errors
+    from reproduce.numerics import pin_cpu_numerics
+
+    pin_cpu_numerics()  # before torch loads (workers inherit it): the same CPU numbers on any x86-64 machine
+    return run_reporting_errors(COMMANDS[args.command], args)  # a UserError: one line, exit code 2
 
 
 def _load_config(args: argparse.Namespace) -> Config:

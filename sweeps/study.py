@@ -18,7 +18,8 @@ from sweeps.report import write_results
 from sweeps.settings import objectives
 from sweeps.storage import redact, storage_errors
 from sweeps.tracked import close_study_run, open_study_run
-from sweeps.workers import WorkerSlot, parse_devices, run_worker, run_worker_processes, worker_slots
+from reproduce.launch.devices import WorkerSlot, parse_devices, worker_slots
+from sweeps.workers import run_worker, run_worker_processes
 
 # The entry points of the layers above (pipeline/): the study of one method and where its results go.
 __all__ = ["RESULTS_ROOT", "MissingInputError", "create_or_load_study", "run_study", "run_sweep"]

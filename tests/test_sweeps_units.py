@@ -334,14 +334,14 @@ def test_a_worker_is_dead_when_its_process_is_gone_or_its_id_was_recycled() -> N
 
 def test_workers_are_pinned_round_robin_to_the_devices(prepared_root: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from sweeps.workers import WorkerSlot, parse_devices, pinned, worker_slots
+    # The slots are the fan-out's (reproduce/launch/devices.py, tested with it); here: what a sweep's
+    # worker does with its slot.
+    from reproduce.launch.devices import WorkerSlot, worker_slots
+    from sweeps.workers import pinned
 
     cores = len(os.sched_getaffinity(0))
     slots = worker_slots(3, ["0", "1"], configured_threads=0)
-    assert [slot.device for slot in slots] == ["0", "1", "0"]
-    assert {slot.threads for slot in slots} == {max(1, cores // 3)}  # the cores shared
-    assert {slot.threads for slot in worker_slots(3, ["cpu"], configured_threads=2)} == {None}  # runtime.threads wins
-    assert worker_slots(1, None, 0) == [WorkerSlot(0, None, None)]  # no --devices: as configured
+    assert [slot.device for slot in slots] == ["0", "1", "0"] and {s.threads for s in slots} == {max(1, cores // 3)}
 
     job = plan_job(tiny_config(prepared_root, tmp_path, runtime={"threads": 0}, sweep={"spaces": {"kd": KD_SPACE}}),
                    "kd")
@@ -355,18 +355,16 @@ def test_workers_are_pinned_round_robin_to_the_devices(prepared_root: Path, tmp_
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
     on_cpu = pinned(job, WorkerSlot(0, "cpu", 1), own_process=True)
     assert on_cpu.config.runtime.device == "cpu" and on_cpu.config.runtime.threads == 1
+    assert pinned(job, WorkerSlot(0), own_process=True) is job  # no --devices: as configured
     assert job.config.runtime.device == "auto" and job.config.runtime.threads == 0  # the job itself is untouched
 
-    assert parse_devices(None) is None and parse_devices("cpu") == ["cpu"]
-    with pytest.raises(ConfigError, match="give auto, cpu, or GPU indices"):
-        parse_devices("gpu0")
-    import torch
 
-    if torch.cuda.device_count() < 8:
-        with pytest.raises(ConfigError, match=r"--devices 7: this machine has \d+ CUDA device\(s\)"):
-            parse_devices("7")
-    if not torch.cuda.is_available():
-        assert parse_devices("auto") == ["cpu"]
+def test_a_bad_devices_option_is_one_line_before_any_study(project: Path, prepared_root: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    write_params(prepared_root, project, method="dml", space=DML_SPACE)
+    assert main(["run", "--method", "dml", "--no-track", "--workers", "2", "--devices", "gpu0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --devices 'gpu0': give auto, cpu, or GPU indices such as 0,1,2"
+    assert no_outputs(project)
 
 
 # ----------------------------------------------------------------------------------------------
