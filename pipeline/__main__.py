@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reproduce.errors import UserError
+from reproduce.cli import run_reporting_errors
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -40,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from reproduce.numerics import pin_cpu_numerics
 
     pin_cpu_numerics()  # before torch loads: the same CPU numbers on every x86-64 machine (reproduce/numerics.py)
-    try:
-        return COMMANDS[args.command](args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(COMMANDS[args.command], args)  # a UserError: one line, exit code 2
 
 
 def run_sync(args: argparse.Namespace) -> int:
