@@ -26,6 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator  # noqa: E402
 
 from analysis.calibration import MIN_BIN_COUNT  # noqa: E402
+from reproduce.io import atomic_savefig  # noqa: E402
 from reproduce.metrics import ReliabilityBins  # noqa: E402
 
 SINGLE_COLUMN_IN = 3.3
@@ -58,9 +59,9 @@ def save_figure(figure: Figure, directory: Path, stem: str, dpi: int, pdf: bool 
     so only when asked); returns the PNG."""
     directory.mkdir(parents=True, exist_ok=True)
     with paper_style():
-        figure.savefig(directory / f"{stem}.png", dpi=dpi)
+        atomic_savefig(figure, directory / f"{stem}.png", dpi=dpi)
         if pdf:
-            figure.savefig(directory / f"{stem}.pdf")
+            atomic_savefig(figure, directory / f"{stem}.pdf")
     return directory / f"{stem}.png"
 
 

@@ -39,6 +39,7 @@ from analysis.summary import build_summary
 from analysis.sweeps import Sweep, load_sweeps
 from analysis.tables import Table, calibration_table, comparison_table
 from reproduce.config import AnalysisConfig, Config, load_config
+from reproduce.io import atomic_write_text
 from reproduce.metrics import DEFAULT_BINS
 from reproduce.tracking import Tracker, git_commit
 
@@ -96,7 +97,7 @@ def run_analysis(runs_root: Path, sweeps_root: Path, out_dir: Path, params_path:
     sweep_entries = sweep_figures(sweeps, settings, figures_dir)
 
     summary = build_summary(runset, aggregate, labels, notes, warnings)
-    write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     page = render_page(
         title="Knowledge-distillation reproduction report", setup=runset.setup, run_count=len(runset.runs),
         labels=labels, protocol=PROTOCOLS[runset.selection], best_kind=best_kind, best_label=EPOCH_LABELS[best_kind],
@@ -108,7 +109,7 @@ def run_analysis(runs_root: Path, sweeps_root: Path, out_dir: Path, params_path:
         sweep_names={sweep.method: display_name(sweep.method, settings) for sweep in sweeps},
         t_min=f"{T_MIN:g}", t_max=f"{T_MAX:g}", min_bin_count=MIN_BIN_COUNT, seeds=seeds_text(runset, labels),
         commits=training_commits(runset), params_path=params_path, params_text=params_path.read_text())
-    write_text(out_dir / "index.html", page)
+    atomic_write_text(out_dir / "index.html", page)
 
     figures = reliability + curves + signals + [entry for entries in sweep_entries.values() for entry in entries]
     if track:
@@ -184,18 +185,12 @@ def _remove_previous_outputs(out_dir: Path) -> None:
                 path.unlink()
 
 
-def write_text(path: Path, text: str) -> None:
-    """A plain write (reproduce.io's atomic writes create owner-only files; reports are meant to be shared)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-
-
 def write_table(table: Table, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    write_text(directory / f"{table.name}.md", table.to_markdown())
-    write_text(directory / f"{table.name}.tex", table.to_latex())
+    atomic_write_text(directory / f"{table.name}.md", table.to_markdown())
+    atomic_write_text(directory / f"{table.name}.tex", table.to_latex())
     if table.numeric is not None:
-        write_text(directory / f"{table.name}.csv", table.numeric.to_csv(index=False))
+        atomic_write_text(directory / f"{table.name}.csv", table.numeric.to_csv(index=False))
 
 
 def log_to_trackers(config: Config, settings: AnalysisConfig, runset: RunSet, figures: list[FigureEntry],

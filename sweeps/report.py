@@ -22,7 +22,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from reproduce.config import Config
-from reproduce.io import atomic_path, atomic_write_text
+from reproduce.io import atomic_savefig, atomic_write_text
 from sweeps.budget import EPOCHS_ATTR, ERROR_ATTR, failure_reason, retried_from, uses_budget
 from sweeps.plan import MIN_COMPLETE_TRIALS, RESULTS_ROOT, budget, is_smoke
 from sweeps.settings import objectives
@@ -208,8 +208,7 @@ def draw_figures(study: optuna.Study, trials: list[FrozenTrial], names: list[str
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             figure.suptitle(f"{study.study_name}: {summary['budget']['text']}", fontsize=8, y=0.995)
             path = directory / f"{name}.png"
-            with atomic_path(path) as temporary:
-                figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+            atomic_savefig(figure, path, dpi=120, bbox_inches="tight")
             plt.close(figure)
         written[name] = path
     return written
