@@ -31,6 +31,7 @@ from tqdm import tqdm
 from reproduce.data.loader import Normalise
 from reproduce.data.prepare import FileSplit, Prepared
 from reproduce.data.streaming import hwc_tensor, open_rgb
+from reproduce.io import atomic_path, clean_temporaries
 
 EVAL_CROP_FRACTION = 0.875  # resize to image_size / 0.875 (256 for 224), then center-crop: the standard eval view
 CACHE_FORMAT = 1  # part of the key: bump it when the view or the file layout changes
@@ -69,6 +70,7 @@ def decoded_views(prepared: Prepared, part: str, split: FileSplit, *, image_size
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path.with_name(f".{path.name}.lock")):
         if not _complete(path, shape):
+            clean_temporaries(path.parent)  # what killed decodes left (as large as the cache)
             _decode_into(path, split, shape, num_workers)
             for stale in path.parent.glob(f"{part}-{image_size}px-*.npy"):
                 if stale != path:
@@ -97,9 +99,10 @@ def _complete(path: Path, shape: tuple[int, ...]) -> bool:
 
 
 def _decode_into(path: Path, split: FileSplit, shape: tuple[int, ...], num_workers: int) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(path) as partial:  # a killed decode leaves a temporary that the next decode removes
         views = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        with open(partial, "r+b") as stream:  # the space now: a full disk under a memory map is a SIGBUS later
+            os.posix_fallocate(stream.fileno(), 0, os.fstat(stream.fileno()).st_size)
         loader = DataLoader(EvalImages(split, shape[1]), batch_size=_DECODE_BATCH, num_workers=num_workers,
                             collate_fn=torch.stack)
         start = 0
@@ -110,9 +113,6 @@ def _decode_into(path: Path, split: FileSplit, shape: tuple[int, ...], num_worke
                 progress.update(len(batch))
         views.flush()
         del views
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 class CachedEvalLoader:
