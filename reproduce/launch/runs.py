@@ -74,7 +74,10 @@ def finished(config: Config, run: RunJob) -> bool:
     if not (run.run_dir / "metrics.json").is_file() or not (run.checkpoint_dir / "last.pt").is_file():
         return False
     from reproduce.train.checkpoint import load_checkpoint
+    from reproduce.train.rundir import finished_summary
 
+    if finished_summary(run.run_dir) is None:  # garbage: its training run writes it again from the checkpoint
+        return False
     with contextlib.redirect_stdout(io.StringIO()):  # "belongs to a different configuration": the run's own log says it
         state = load_checkpoint(run.spec(), config, "auto")
     return state is not None and state["epoch"] >= config.recipe.epochs
