@@ -299,9 +299,11 @@ def test_another_configuration_is_moved_aside_and_back(tmp_path: Path, capsys: p
         capsys.readouterr().out
     a_run(second, spec, 1, "BBBBB")
     keep_one_run(second, spec, "auto")  # the same configuration continues: nothing moves
-    assert (spec.run_dir / "metrics.json").read_text() == "BBBBB" and not aside_dir(spec, config_hash(second, spec)).exists()
+    assert (spec.run_dir / "metrics.json").read_text() == "BBBBB"
+    assert not aside_dir(spec, config_hash(second, spec)).exists()
     keep_one_run(first, spec, "auto")  # going back: the first run returns, the second goes aside
-    assert (spec.run_dir / "metrics.json").read_text() == "AAAAA" and (spec.checkpoint_dir / "best.pt").read_text() == "AAAAA"
+    assert (spec.run_dir / "metrics.json").read_text() == "AAAAA"
+    assert (spec.checkpoint_dir / "best.pt").read_text() == "AAAAA"
     assert torch.load(spec.checkpoint_dir / "last.pt", weights_only=True)["epoch"] == 3 and not kept.exists()
     assert (aside_dir(spec, config_hash(second, spec)) / "run" / "history.tsv").read_text() == "BBBBB"
     assert "resuming this configuration's run" in capsys.readouterr().out
@@ -333,6 +335,13 @@ def test_files_no_checkpoint_names_and_an_unreadable_checkpoint(tmp_path: Path) 
     atomic_write_bytes(spec.checkpoint_dir / "last.pt", os.urandom(100))
     keep_one_run(config, spec, "auto")  # loading it will say it is corrupt and how to start over
     assert (spec.checkpoint_dir / "last.pt").exists()
+    # this configuration's checkpoint in an older format, and a kept run of it: neither is lost
+    atomic_torch_save({"format": CHECKPOINT_FORMAT - 1, "key": resume_key(config, spec), "epoch": 1},
+                      spec.checkpoint_dir / "last.pt")
+    atomic_write_text(aside_dir(spec, config_hash(config, spec)) / "last.pt", "kept")
+    keep_one_run(config, spec, "auto")
+    assert (aside_dir(spec, config_hash(config, spec)) / "last.pt").read_text() == "kept"
+    assert torch.load(spec.checkpoint_dir / "last.pt", weights_only=True)["format"] == CHECKPOINT_FORMAT - 1
 
 
 def test_the_divergence_advice_names_where_the_kept_run_goes(tmp_path: Path) -> None:

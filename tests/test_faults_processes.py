@@ -121,7 +121,8 @@ def test_a_configuration_change_moves_the_run_aside_and_back(prepared_root: Path
     summary = train(first, spec, track=False)  # back to the first configuration: it resumes at epoch 2
     assert "resuming this configuration's run" in capsys.readouterr().out
     assert read_rows(spec.run_dir / "history.tsv")[:2] == first_history and summary["epochs"] == 2
-    assert json.loads((aside_dir(spec, config_hash(second, spec)) / "run" / "metrics.json").read_text()) == second_metrics
+    kept_second = aside_dir(spec, config_hash(second, spec))
+    assert json.loads((kept_second / "run" / "metrics.json").read_text()) == second_metrics
 
     # a garbage metrics.json: the rerun writes it again from the finished checkpoint, without training
     history = (spec.run_dir / "history.tsv").read_text()

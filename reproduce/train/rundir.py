@@ -38,6 +38,7 @@ from reproduce.train.lock import LOCK_NAME, run_lock
 from reproduce.train.spec import RunSpec
 from reproduce.train.step import DivergedError
 
+UNREADABLE = object()  # a last.pt that does not load: loading it in the run says so, with the fix
 UNIDENTIFIED = "unidentified"  # the aside name of files without a readable checkpoint to name their configuration
 KEPT_RUN = "run"  # the run folder's files inside an aside folder
 
@@ -75,7 +76,7 @@ def aside_dir(spec: RunSpec, hash_: str) -> Path:
 def keep_one_run(config: Config, spec: RunSpec, resume: str) -> None:
     """Settle the folders before the run reads them (see the module's docstring)."""
     state = _checkpoint(spec)
-    readable = state is not None and state != "unreadable"
+    readable = state is not None and state is not UNREADABLE
     if readable and resume != "never" and continues(state, config, spec):
         return
     own = config_hash(config, spec)
@@ -87,8 +88,8 @@ def keep_one_run(config: Config, spec: RunSpec, resume: str) -> None:
         else:
             _set_aside(spec, state)
         return
-    if state == "unreadable":
-        return  # loading it says it is corrupt and how to start over
+    if state is UNREADABLE or (readable and _recorded_hash(state) == own):
+        return  # loading it says it is corrupt; or this configuration in an older format, which starts over
     kept = aside_dir(spec, own)
     if kept.is_dir():
         _set_aside(spec, state)
@@ -118,14 +119,14 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _checkpoint(spec: RunSpec) -> Any:
-    """last.pt's content; None without one; "unreadable" for a file that is not a checkpoint."""
+    """last.pt's content; None without one; ``UNREADABLE`` for a file that is not a checkpoint."""
     path = spec.checkpoint_dir / "last.pt"
     if not path.is_file():
         return None
     try:
         return load_state(path, "checkpoint", "delete it or rerun with --resume never")
     except CheckpointError:
-        return "unreadable"
+        return UNREADABLE
 
 
 def _recorded_hash(state: Any) -> str:
@@ -147,7 +148,7 @@ def _set_aside(spec: RunSpec, state: Any) -> None:
     entries = _entries(spec)
     if not entries:
         return
-    recorded = UNIDENTIFIED if state in (None, "unreadable") else _recorded_hash(state)
+    recorded = UNIDENTIFIED if state is None or state is UNREADABLE else _recorded_hash(state)
     target = aside_dir(spec, recorded)
     if target.exists():  # an older copy of the same configuration's run: this one supersedes it
         shutil.rmtree(target)
