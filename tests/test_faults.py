@@ -414,3 +414,28 @@ def test_random_bytes_are_corrupt_and_a_pickle_asking_for_code_is_refused(conten
 def test_a_missing_checkpoint_is_not_called_corrupt(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"absent\.pt: no such predictions file; rerun"):
         load_state(tmp_path / "absent.pt", "predictions file", "rerun")
+
+
+@pytest.mark.slow  # imports the sweeps and Optuna: about 3 s alone
+def test_a_stage_removes_what_killed_writes_left_in_its_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import reproduce.train
+    from pipeline.stage import run_stage
+    from sweeps.study import RESULTS_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    dead, abandoned = dead_pid(), []
+    left = [killed_write(Path("dvclive") / "vanilla" / "metrics.json", dead, abandoned),
+            killed_write(RESULTS_ROOT / "vanilla" / "not_swept.txt", dead, abandoned)]
+    other_method = killed_write(Path("dvclive") / "kd" / "metrics.json", dead, abandoned)
+
+    class Trained(Exception):
+        pass
+
+    def first_run(config, spec, **options):
+        assert not any(path.exists() for path in left)  # gone before any training
+        raise Trained
+
+    monkeypatch.setattr(reproduce.train, "train", first_run)
+    with pytest.raises(Trained):
+        run_stage(tiny_config(tmp_path / "prepared", tmp_path), "vanilla", live_root=Path("dvclive"), track=False)
+    assert other_method.exists()  # another stage's folder
