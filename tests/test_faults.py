@@ -417,7 +417,8 @@ def test_a_missing_checkpoint_is_not_called_corrupt(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # imports the sweeps and Optuna: about 3 s alone
-def test_a_stage_removes_what_killed_writes_left_in_its_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stage_removes_what_killed_writes_left_in_its_folders(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import reproduce.train
     from pipeline.stage import run_stage
     from sweeps.study import RESULTS_ROOT
