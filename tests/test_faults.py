@@ -226,7 +226,7 @@ def test_a_second_writer_fails_at_once_naming_the_owner(tmp_path: Path) -> None:
         assert message.startswith(f"{run}: another process is writing this run (pid {os.getpid()} on "
                                   f"{socket.gethostname()}, since ") and f"lock {lock}" in message
         assert "\n" not in message and lock.exists()
-    assert not lock.exists()  # released: the next run takes it
+    assert not lock.exists() and not ckpt.exists()  # released, and no empty folder left: the next run takes it
     with run_lock(ckpt, run):
         pass
 

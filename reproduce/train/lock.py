@@ -13,6 +13,7 @@ says so. An owner on another host cannot be checked from here; the message names
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -64,7 +65,6 @@ def run_lock(checkpoint_dir: Path, run_dir: Path) -> Iterator[Path]:
     """Hold the run's lock for the ``with`` block (yields the lock file); ``RunLockedError`` if a live
     process holds it."""
     path = Path(checkpoint_dir) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
     stream = _acquire(path, run_dir)
     try:
         yield path
@@ -72,11 +72,17 @@ def run_lock(checkpoint_dir: Path, run_dir: Path) -> Iterator[Path]:
         path.unlink(missing_ok=True)  # before unlocking: a waiter then finds the file gone and makes a new one
         fcntl.flock(stream, fcntl.LOCK_UN)
         stream.close()
+        with contextlib.suppress(OSError):  # a run that wrote nothing leaves no folder behind
+            path.parent.rmdir()
 
 
 def _acquire(path: Path, run_dir: Path) -> Any:
     for _ in range(ATTEMPTS):
-        stream = path.open("a+")  # never truncates: the owner's record stays readable until we hold the lock
+        path.parent.mkdir(parents=True, exist_ok=True)  # (again: a finished holder removes it when empty)
+        try:
+            stream = path.open("a+")  # never truncates: the owner's record stays readable until we hold the lock
+        except FileNotFoundError:  # the folder went between the two lines
+            continue
         try:
             fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
