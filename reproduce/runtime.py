@@ -23,6 +23,7 @@ class Runtime:
     compile: bool
     rank: int = 0
     world_size: int = 1
+    compile_backend: str = "inductor"  # torch.compile's backend (the tests check the capture with "aot_eager")
 
     @property
     def is_main(self) -> bool:

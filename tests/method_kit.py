@@ -19,6 +19,7 @@ from reproduce.config import ConfigError, ScheduleConfig
 from reproduce.methods import Method, Networks, get_method
 from reproduce.runtime import Runtime
 from reproduce.train import LearningRates, RunSpec, make_optimizer, train, train_epoch
+from reproduce.train.compiled import CompiledStep
 from reproduce.train.tally import EpochTally
 
 CLASSES, CHANNELS, BATCH = 10, 1, 16
@@ -59,20 +60,20 @@ class FixedBatches:
         yield from self.batches
 
 
-def optimizers_for(method: Method, lr: float = 0.1) -> dict[str, torch.optim.Optimizer]:
-    """SGD with momentum and weight decay per role, as a run makes them."""
+def optimizers_for(method: Method, lr: float = 0.1, runtime: Runtime = CPU) -> dict[str, torch.optim.Optimizer]:
+    """SGD with momentum and weight decay per role, as a run on ``runtime`` makes them."""
     recipe = tiny_config(Path("."), Path("."), recipe={"optimizer": {"lr": lr, "momentum": 0.9,
                                                                      "weight_decay": 5e-4}}).recipe
-    return {role: make_optimizer(module, recipe.optimizer_for(role)) for role, module in method.roles().items()}
+    return {role: make_optimizer(module, recipe.optimizer_for(role), runtime) for role, module in method.roles().items()}
 
 
 def run_epoch(method: Method, optimizers: dict[str, torch.optim.Optimizer], batches: FixedBatches,
-              epoch: int = 1, runtime: Runtime = CPU) -> EpochTally:
-    """One epoch through the engine's ``train_epoch`` at the optimisers' own learning rates."""
+              epoch: int = 1, runtime: Runtime = CPU, compiled: CompiledStep | None = None) -> EpochTally:
+    """One epoch through the engine's ``train_epoch`` at the optimisers' own (constant) learning rates."""
     constant = ScheduleConfig(name="step", milestones=[])
-    rates = LearningRates({role: optimizer.defaults["lr"] for role, optimizer in optimizers.items()}, constant,
-                          epochs=epoch, steps_per_epoch=len(batches))
-    return train_epoch(method, optimizers, batches, epoch, rates, runtime)
+    rates = LearningRates({role: float(optimizer.defaults["lr"]) for role, optimizer in optimizers.items()},
+                          constant, epochs=epoch, steps_per_epoch=len(batches))
+    return train_epoch(method, optimizers, batches, epoch, rates, runtime, compiled=compiled)
 
 
 def constant_output(network: nn.Module, probabilities: list[float]) -> None:

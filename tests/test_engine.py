@@ -309,3 +309,25 @@ def test_evaluation_every_k_epochs_and_always_the_last(prepared_root: Path, tmp_
     assert all(row["train/student/loss"] for row in history)  # every epoch still trains and is recorded
     val = {int(row["epoch"]): float(row["val/student/top1"]) for row in history if row["val/student/top1"]}
     assert summary["best"]["epoch"] == max(val, key=val.get) and summary["last"]["epoch"] == 5
+
+
+@pytest.mark.slow
+def test_a_compiled_run_matches_the_eager_run_and_compiles_only_in_its_first_epoch(prepared_root: Path,
+                                                                                    tmp_path: Path) -> None:
+    """``runtime.compile: on`` end to end with Inductor: the step and evaluation compiled apart, the same
+    numbers as the eager run within float32 rounding, and no graph compiled after the first epoch."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: list[int] = []
+    eager = RunSpec("vanilla", 0, tmp_path / "eager", tmp_path / "ckpt-eager")
+    compiled = RunSpec("vanilla", 0, tmp_path / "compiled", tmp_path / "ckpt-compiled")
+    train(tiny_config(prepared_root, tmp_path, recipe={"epochs": 2}), eager, track=False)
+    train(tiny_config(prepared_root, tmp_path, recipe={"epochs": 2}, runtime={"compile": "on"}), compiled, track=False,
+          on_epoch_end=lambda epoch, row: graphs.append(counters["stats"]["unique_graphs"]))
+    assert graphs[0] > 0 and graphs[1] == graphs[0], f"graphs compiled by the end of each epoch: {graphs}"
+    for expected, actual in zip(_history(eager.run_dir), _history(compiled.run_dir)):
+        for key in ("train/student/loss", "val/student/nll", "test/student/nll"):
+            assert float(actual[key]) == pytest.approx(float(expected[key]), rel=1e-3), key
+        assert abs(float(actual["test/student/top1"]) - float(expected["test/student/top1"])) <= 1.0

@@ -164,7 +164,10 @@ class R2KD(Method):
         self.pruned_teacher = copy.deepcopy(self.teacher)
         prune_smallest_weights(self.pruned_teacher, params.prune_rate)
         self.pruned_sparsity = zero_weight_fraction(self.pruned_teacher)
-        self.augment = AUGMENTATIONS.get(params.augmentation)  # None: no augmented view
+        augment = AUGMENTATIONS.get(params.augmentation)  # None: no augmented view
+        # Its box and mixing coefficient are drawn on the host from torch's CPU generator (the code's draws): run
+        # eagerly, outside a compiled step, which would otherwise compile a new graph for every new box.
+        self.augment = torch.compiler.disable(augment) if augment is not None else None
 
     def roles(self) -> dict[str, nn.Module]:
         return {"student": self.student}

@@ -33,15 +33,16 @@ from reproduce.distributed import Replicas, make_replicas
 from reproduce.io import atomic_torch_save, write_table
 from reproduce.methods.base import Method, build_method, get_method
 from reproduce.runtime import Runtime, resolve_runtime, seed_everything
-from reproduce.tracking import Tracker, fingerprint, repair_finished_run, training_params
+from reproduce.tracking import Tracker, repair_finished_run, training_params
 from reproduce.train.build import make_networks
 from reproduce.train.checkpoint import (BackgroundWriter, checkpoint_state, host_copy, load_checkpoint, restore,
-                                        resume_key, save_networks)
+                                        save_networks)
+from reproduce.train.compiled import CompiledStep, compile_networks
 from reproduce.train.evaluate import Logits, evaluate, to_host
 from reproduce.train.frozen import prepare_frozen
 from reproduce.train.optim import LearningRates, make_optimizer
 from reproduce.train.outputs import BEST_KEYS, epoch_bar, finish, report_epoch
-from reproduce.train.rundir import exclusive, finished_summary
+from reproduce.train.rundir import config_hash, exclusive, finished_summary
 from reproduce.train.spec import RunSpec
 from reproduce.train.step import DivergedError, train_step
 from reproduce.train.tally import EpochTally
@@ -51,7 +52,7 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 def train_epoch(method: Method, optimizers: dict[str, torch.optim.Optimizer], batches: Batches, epoch: int,
                 rates: LearningRates, runtime: Runtime, *, replicas: Replicas | None = None,
-                progress: "tqdm | None" = None) -> EpochTally:
+                compiled: CompiledStep | None = None, progress: "tqdm | None" = None) -> EpochTally:
     """Every step of one epoch. Returns the epoch's tally, still on the device (``tally.result()`` reads it)."""
     method.train()
     tally = EpochTally(len(batches), runtime.device)
@@ -60,7 +61,7 @@ def train_epoch(method: Method, optimizers: dict[str, torch.optim.Optimizer], ba
     started = time.perf_counter()
     for index, (x, y) in enumerate(batches.epoch(epoch)):
         rates.apply(optimizers, epoch, index)
-        tally.add(train_step(method, optimizers, x, y, epoch_value, runtime, replicas=replicas), index)
+        tally.add(train_step(method, optimizers, x, y, epoch_value, runtime, replicas=replicas, compiled=compiled), index)
         tally.images += len(y)
         if progress is not None:
             progress.update(1)
@@ -101,6 +102,8 @@ class Run:
     rates: LearningRates
     replicas: Replicas | None
     frozen: list[nn.Module]  # networks that never change: left out of checkpoints
+    compiled: CompiledStep | None  # runtime.compile: the step's compiled parts
+    evaluated_networks: dict[str, nn.Module]  # what evaluation runs (compiled copies with runtime.compile)
     train_batches: Batches
     eval_batches: dict[str, Batches]
     selection: str  # "val" or "test": where the best epoch is chosen
@@ -134,28 +137,32 @@ def start(config: Config, spec: RunSpec) -> Run:
     if runtime.channels_last:
         method.to(memory_format=torch.channels_last)
     frozen = prepare_frozen(method, runtime, next(iter(eval_batches.values())))  # folded and cast once, on a GPU
-    optimizers = {role: make_optimizer(module, config.recipe.optimizer_for(role))
+    optimizers = {role: make_optimizer(module, config.recipe.optimizer_for(role), runtime)
                   for role, module in method.roles().items()}
+    compiled = CompiledStep(runtime) if runtime.compile else None
+    evaluated_networks = (compile_networks(method.eval_networks(), runtime) if runtime.compile
+                          else method.eval_networks())
     rates = LearningRates.for_recipe(config.recipe, list(optimizers), len(train_batches))
     # torchrun: the roles replicated over the ranks (reproduce/distributed.py); None in one process.
     replicas = make_replicas(method, runtime, sync_batchnorm=config.runtime.sync_batchnorm, quiet=config.runtime.quiet)
     # The papers' protocol trains on the whole training set and picks the best epoch on test; with a
     # validation split the best epoch is picked there. The two are reported under different names.
     selection = "val" if "val" in eval_batches else "test"
-    return Run(config, spec, runtime, method, optimizers, rates, replicas, frozen, train_batches, eval_batches,
-               selection)
+    return Run(config, spec, runtime, method, optimizers, rates, replicas, frozen, compiled, evaluated_networks,
+               train_batches, eval_batches, selection)
 
 
 def run_epoch(run: Run, epoch: int, tracker: Tracker, bar: "tqdm | None", writer: BackgroundWriter) -> dict[str, float]:
     """Train one epoch, evaluate it if it is due, record it and checkpoint it; returns its row."""
     tally = train_epoch(run.method, run.optimizers, run.train_batches, epoch, run.rates, run.runtime,
-                        replicas=run.replicas, progress=bar)
+                        replicas=run.replicas, compiled=run.compiled, progress=bar)
     row = epoch_row(tally, run.method, epoch, run.rates, run.runtime)  # raises if the epoch diverged
     if run.replicas is not None:
         run.replicas.share_buffers()
     best_files = None
     if run.evaluated(epoch):
-        metrics, logits, labels = evaluate(run.method, run.eval_batches, run.runtime, run.fixed_logits)
+        metrics, logits, labels = evaluate(run.method, run.eval_batches, run.runtime, run.fixed_logits,
+                                           run.evaluated_networks)
         row.update(metrics)
         score = row[f"{run.selection}/{run.method.primary}/top1"]
         if score > run.best["score"]:
@@ -214,14 +221,10 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
         restore(state, run.method, run.optimizers, run.frozen, spec.checkpoint_dir / "last.pt")
         run.history, run.best, run.tracker_key = state["history"], state["best"], state["tracker_key"]
         run.start_epoch = state["epoch"] + 1
-    if run.runtime.compile:
-        for network in run.method.eval_networks().values():
-            network.compile()
-
     tags = {"method": spec.method, "seed": str(spec.seed), "dataset": config.dataset.name,
             "teacher": config.models.teacher, "student": config.models.student, "selection": run.selection}
     tracker = Tracker(config.tracking, run_dir=spec.run_dir, run_name=spec.name,
-                      tags={**tags, "config_hash": fingerprint(resume_key(config, spec)["config"])},
+                      tags={**tags, "config_hash": config_hash(config, spec)},
                       params=training_params(config, spec.method, tags), resume_key=run.tracker_key,
                       enabled=track and run.runtime.is_main, parent=parent, history=run.history)
     if run.history and run.runtime.is_main:  # resumed: DVC may have deleted the interrupted run's outputs

@@ -23,6 +23,9 @@ previous epoch's, is what stays on disk.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor
 
@@ -30,58 +33,78 @@ from reproduce.distributed import Replicas
 from reproduce.methods.base import Method, Step
 from reproduce.runtime import Runtime
 
+if TYPE_CHECKING:
+    from reproduce.train.compiled import CompiledStep
+
 
 class DivergedError(RuntimeError):
     """A loss became NaN or infinite: the run stops at the end of that epoch (the last good checkpoint stays)."""
 
 
 def train_step(method: Method, optimizers: dict[str, torch.optim.Optimizer], x: Tensor, y: Tensor,
-               epoch: int | Tensor, runtime: Runtime, replicas: Replicas | None = None) -> Step:
-    """One optimisation step of every role the method's step updates; returns the method's ``Step``."""
+               epoch: int | Tensor, runtime: Runtime, replicas: Replicas | None = None,
+               compiled: CompiledStep | None = None) -> Step:
+    """One optimisation step of every role the method's step updates; returns the method's ``Step``.
+    ``compiled`` (``runtime.compile``, reproduce/train/compiled.py) runs the same two parts compiled."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
-                        enabled=runtime.amp_dtype is not None):
-        step = method.step(x, y, epoch)
-    roles = roles_to_update(step, optimizers)
-    total = sum(sum(step.losses[role].values()) for role in roles if role in step.losses)
-    if torch.is_tensor(total):  # zero when no role trains this step
+    step, total = (compiled.losses if compiled else losses)(method, tuple(optimizers), x, y, epoch, runtime)
+    if total is not None:  # None when no role trains this step
         total.backward()
+    roles = roles_to_update(step, optimizers)
     if replicas is not None:  # the ranks' mean gradient; their agreement checked when the method names roles
         replicas.average_gradients(roles, check=step.update is not None)
-    for role in roles:
-        if role in step.gates:
-            gated_update(optimizers[role], step.gates[role])
-        else:
-            optimizers[role].step()
+    (compiled.update if compiled else update)(optimizers, tuple(roles), step.gates)
     return step
 
 
-def roles_to_update(step: Step, optimizers: dict[str, torch.optim.Optimizer]) -> list[str]:
-    roles = sorted(optimizers) if step.update is None else sorted(step.update)
-    unknown = (set(roles) | set(step.gates)) - set(optimizers)
+def losses(method: Method, roles: tuple[str, ...], x: Tensor, y: Tensor, epoch: int | Tensor,
+           runtime: Runtime) -> tuple[Step, Tensor | None]:
+    """The method's step under autocast, and the sum of the losses of the roles it updates."""
+    with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
+                        enabled=runtime.amp_dtype is not None):
+        step = method.step(x, y, epoch)
+    total = sum(sum(step.losses[role].values()) for role in roles_to_update(step, roles) if role in step.losses)
+    return step, total if torch.is_tensor(total) else None
+
+
+def update(optimizers: dict[str, torch.optim.Optimizer], roles: tuple[str, ...], gates: dict[str, Tensor]) -> None:
+    """Every updated role's optimiser steps; a gated role's step is kept only where its gate is on."""
+    for role in roles:
+        if role in gates:
+            gated_update(optimizers[role], gates[role])
+        else:
+            optimizers[role].step()
+
+
+def roles_to_update(step: Step, roles: Iterable[str]) -> list[str]:
+    """The roles ``step`` updates (``Step.update``, or every role), checked against the method's ``roles``."""
+    known = sorted(roles)
+    updated = known if step.update is None else sorted(step.update)
+    unknown = (set(updated) | set(step.gates)) - set(known)
     if unknown:
-        raise KeyError(f"step asked to update unknown roles {sorted(unknown)}; roles are {sorted(optimizers)}")
-    return roles
+        raise KeyError(f"step asked to update unknown roles {sorted(unknown)}; roles are {known}")
+    return updated
 
 
 def gated_update(optimizer: torch.optim.Optimizer, gate: Tensor) -> None:
     """``optimizer.step()`` kept only where ``gate`` (a 0-d bool tensor) is True: otherwise its parameters and
     state are put back as they were. State this step created (SGD's momentum at its first update) goes back
     to zeros, which SGD without dampening, and AdamW, treat exactly as no state."""
-    before = _tensors(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    existing = {(index, key) for index, p in enumerate(params) for key in optimizer.state.get(p, {})}
+    before = _tensors(optimizer, params, lambda index, key: True)
     with torch.no_grad():
         kept = torch._foreach_mul(before, 1.0)  # copies, -0.0 and NaN included, in one multi-tensor op
     optimizer.step()
-    existing = {id(tensor) for tensor in before}
-    created = [tensor for tensor in _tensors(optimizer) if id(tensor) not in existing]
+    created = _tensors(optimizer, params, lambda index, key: (index, key) not in existing)[len(params):]
     with torch.no_grad():
         torch._foreach_copy_(before + created, [torch.where(gate, tensor, old) for tensor, old in zip(before, kept)]
                              + [torch.where(gate, tensor, 0.0) for tensor in created])
 
 
-def _tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """Every parameter of the optimiser and every tensor of its state."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = [value for p in params for value in optimizer.state.get(p, {}).values() if torch.is_tensor(value)]
+def _tensors(optimizer: torch.optim.Optimizer, params: list[Tensor], chosen: Any) -> list[Tensor]:
+    """The parameters, then the tensors of their optimiser state that ``chosen(index, key)`` picks."""
+    state = [value for index, p in enumerate(params) for key, value in optimizer.state.get(p, {}).items()
+             if torch.is_tensor(value) and chosen(index, key)]
     return params + state
