@@ -22,7 +22,7 @@ from conftest import PROJECT, tiny_config
 if str(PROJECT) not in sys.path:  # benchmarks/ is run from the checkout, not installed
     sys.path.insert(0, str(PROJECT))
 
-from benchmarks import gpu_check  # noqa: E402
+from benchmarks import equivalence, gpu_check  # noqa: E402
 from reproduce.runtime import resolve_runtime  # noqa: E402
 from reproduce.train import RunSpec, train  # noqa: E402
 from reproduce.config import RuntimeConfig, deep_merge  # noqa: E402
@@ -32,7 +32,7 @@ DRY_RUN = deep_merge(gpu_check.SETTINGS, gpu_check.DRY_RUN_OVERRIDES)
 CPU = torch.device("cpu")
 
 
-def _run_check(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _run_check(*args: str, timeout: float = 500) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=PROJECT, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -41,6 +41,7 @@ def _run_check(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 # On any machine
 
 
+@pytest.mark.slow
 def test_dry_run_reports_every_method_in_every_table() -> None:
     result = _run_check("--dry-run")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -54,14 +55,20 @@ def test_dry_run_reports_every_method_in_every_table() -> None:
         assert len(throughput) == 1, f"no throughput row for {name}"
         fp32_rate = throughput[0].split()[3]
         assert float(fp32_rate) > 0
+        costs = [line for line in lines if line.split()[:2] == [name, "syncs/step"]]
+        assert len(costs) == 1 and costs[0].split()[2:4] == ["0.00", "ok"], f"{name}: {costs}"  # target 0
     epoch = [line for line in lines if "epoch of 64 images (8 steps of 8)" in line]
     assert len(epoch) == 1, result.stdout
+    assert any("suite / floor" in line and "target <= 1.15" in line for line in lines)
+    assert any("240-epoch run projected" in line and "target < 15 min" in line for line in lines)
+    assert any("top-level CPU ops per step" in line for line in lines)
     for section in gpu_check.SECTIONS:
         assert any(line.startswith(f"-- {section}: ok in ") for line in lines), f"section {section} did not pass"
     assert "GPU utilisation: not measured" in result.stdout
     assert lines[-1].startswith("gpu-check: ok")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the full check runs on this machine's GPU")
 def test_without_a_gpu_the_full_check_refuses_with_status_2() -> None:
     result = _run_check(timeout=60)
@@ -71,7 +78,7 @@ def test_without_a_gpu_the_full_check_refuses_with_status_2() -> None:
 
 @pytest.mark.parametrize("method", ["kd", "dml", "sokd"])
 def test_channels_last_keeps_the_fp32_losses_on_cpu(method: str, one_torch_thread: None) -> None:
-    [comparison] = gpu_check.check_equivalence(method, ["channels_last"], DRY_RUN, CPU)
+    [comparison] = equivalence.check_equivalence(method, ["channels_last"], DRY_RUN, CPU)
     assert comparison.compared >= 4  # every term of both steps was compared
     assert comparison.worst <= 1e-5, comparison
     assert comparison.ok
@@ -79,24 +86,24 @@ def test_channels_last_keeps_the_fp32_losses_on_cpu(method: str, one_torch_threa
 
 def test_the_comparison_sees_a_changed_loss(one_torch_thread: None) -> None:
     # bf16 really moves the losses: a tolerance below that must fail, one above it must pass.
-    [loose] = gpu_check.check_equivalence("kd", ["bf16"], DRY_RUN, CPU, tolerances={"bf16": 1.0})
+    [loose] = equivalence.check_equivalence("kd", ["bf16"], DRY_RUN, CPU, tolerances={"bf16": 1.0})
     assert 1e-5 < loose.worst < 1.0 and loose.ok
-    [strict] = gpu_check.check_equivalence("kd", ["bf16"], DRY_RUN, CPU, tolerances={"bf16": 1e-6})
+    [strict] = equivalence.check_equivalence("kd", ["bf16"], DRY_RUN, CPU, tolerances={"bf16": 1e-6})
     assert not strict.ok and strict.worst_term.startswith("step")
 
 
 def test_errors_are_fractions_of_the_role_loss_and_branches_are_named() -> None:
     reference = {"step1 student/ce": 3.0, "step1 student/kd": 1.0, "step1 teacher/ce": 2.0}
     candidate = {"step1 student/ce": 3.0, "step1 student/kd": 1.2, "step1 other/ce": 2.0}
-    comparison = gpu_check.compare_losses(reference, candidate, "bf16", tolerance=0.04)
+    comparison = equivalence.compare_losses(reference, candidate, "bf16", tolerance=0.04)
     assert comparison.worst == pytest.approx(0.2 / 4.0)
     assert comparison.worst_term == "step1 student/kd"
     assert comparison.compared == 2
     assert comparison.one_sided == ["step1 other/ce", "step1 teacher/ce"]
     assert not comparison.ok
-    nan = gpu_check.compare_losses(reference, {**reference, "step1 student/kd": math.nan}, "bf16", 1.0)
+    nan = equivalence.compare_losses(reference, {**reference, "step1 student/kd": math.nan}, "bf16", 1.0)
     assert nan.worst == math.inf and not nan.ok
-    assert gpu_check.compare_losses(reference, reference, "bf16", None).ok  # not enforced: reported only
+    assert equivalence.compare_losses(reference, reference, "bf16", None).ok  # not enforced: reported only
 
 
 def test_an_exhausted_budget_fails_the_equivalence_it_skips(capsys: pytest.CaptureFixture[str]) -> None:
@@ -146,7 +153,7 @@ def test_cuda_runtime_auto_is_bf16_and_channels_last() -> None:
 @needs_cuda
 @pytest.mark.parametrize("method", ["kd", "dml", "switokd"])
 def test_cuda_bf16_and_channels_last_keep_the_fp32_losses(method: str) -> None:
-    comparisons = gpu_check.check_equivalence(method, ["channels_last", "bf16"], DRY_RUN, torch.device("cuda"))
+    comparisons = equivalence.check_equivalence(method, ["channels_last", "bf16"], DRY_RUN, torch.device("cuda"))
     for comparison in comparisons:
         assert comparison.tolerance is not None and comparison.ok, comparison
 
