@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     sync.add_argument("--check", action="store_true", help="exit 1 if registry.yaml or params.yaml is out of date")
 
     stage = commands.add_parser("stage", help="the DVC stage of one method: every seed of pipeline.seeds into "
-                                              "runs/<method>/, its study, headline numbers into dvclive/<method>/")
+                                              "runs/<method>/, its study, its numbers and curves into dvclive/<method>/")
     _common(stage)
     stage.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a parameter, e.g. --set recipe.epochs=5 (repeatable)")

@@ -18,7 +18,7 @@ and ``dvclive/<method>/``.
 ``dvc exp show`` orders its columns as they appear in the workspace's file and, when the table is too
 wide, folds columns from the right into ``…``. So inside ``dvc exp run`` (DVC names the baseline
 commit in ``DVC_EXP_BASELINE_REV``) the methods whose coefficients the experiment changed come first:
-after ``dvc exp run -S ++methods.kd.temperature=2``, the first columns are KD's, for the baseline and
+after ``dvc exp run -S methods.kd.temperature=2``, the first columns are KD's, for the baseline and
 the experiment alike. Outside an experiment the order is the report's. The order is the only thing the
 baseline decides; the numbers are the same.
 """

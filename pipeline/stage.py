@@ -35,7 +35,7 @@ def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), ch
     launch = Launch(f"stage-{method}", config, runs, checkpoints_root / "launch", resume, track)
     summaries = launch_runs(launch).summaries()  # RunsFailedError names the runs that failed and their logs
     for seed, summary in zip(config.pipeline.seeds, summaries):
-        print(f"[{method}] seed {seed}: {headline_line(summary)}", flush=True)
+        print(f"[{method}] seed {seed}: {seed_line(summary)}", flush=True)
     study = run_study(config, method, track=track) if swept else None
     if not swept:  # the stage declares the results folder of every method
         atomic_write_text(RESULTS_ROOT / method / "not_swept.txt",
@@ -45,7 +45,7 @@ def run_stage(config: Config, method: str, *, runs_root: Path = Path("runs"), ch
     return {"method": method, "seeds": config.pipeline.seeds, "statistics": seed_statistics(cls, summaries)}
 
 
-def headline_line(summary: dict[str, Any]) -> str:
+def seed_line(summary: dict[str, Any]) -> str:
     kind, primary = best_key(summary), summary["primary"]
     best, last = summary[kind], summary["last"]
     return (f"{primary} test top-1 {best['test'][primary]['top1']:.2f} at best epoch {best['epoch']} "

@@ -1,10 +1,10 @@
 """The DVC pipeline: its headline metrics (fast, below) and, end to end, a real tiny `dvc repro` of the
 embedded pipeline in a git copy of the project, with a throw-away method added as one new file and nothing
-else (slow: a few minutes on 2 cores; CI runs it).
+else (slow: 12 minutes on the shared 2-core machine, 11 of them the first `dvc repro`; CI runs it).
 
 End to end it checks what a user relies on: every registered method (the new one included) is trained,
 swept and reported; a second `dvc repro` does nothing; changing one method's coefficient invalidates only
-that method's stages; after `dvc exp run -S ++methods.kd.temperature=2`, `dvc exp show` on a 120-column
+that method's stages; after `dvc exp run -S methods.kd.temperature=2`, `dvc exp show` on a 120-column
 terminal shows both experiments' KD headline numbers and `dvc exp diff` lists only KD's metrics and
 `methods.kd.temperature 4.0 -> 2`."""
 
@@ -173,7 +173,8 @@ def test_dvc_repro_trains_sweeps_and_reports_every_method_including_a_new_file(p
     assert set(files["dvclive/metrics.json"]) == set(names)
     for name, numbers in files["dvclive/metrics.json"].items():
         assert len([key for key in numbers if key.startswith("ece")]) == (0 if name == "teacher" else 1), name
-    assert max(len(line) for line in _dvc(root, env, "metrics", "show").splitlines()) < 900
+    # One line of four numbers per method (it was 3,317 characters for 11 methods, with two ECEs each).
+    assert max(len(line) for line in _dvc(root, env, "metrics", "show").splitlines()) < 80 * len(names)
     assert (root / "mlflow.db").exists()
     assert len(list((root / "wandb").glob("offline-run-*"))) >= len(names)
 
@@ -211,7 +212,7 @@ def test_dvc_exp_show_and_diff_compare_what_the_experiment_changed(project) -> N
     _run(["git", "add", "-A"], root, env)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "after repro"], root, env)
     # The README's example; -S rewrites params.yaml, so the unquoted `off` it writes back must still be accepted.
-    _dvc(root, env, "exp", "run", "-n", "kd-t2", "-S", "++methods.kd.temperature=2", "-S", "runtime.compile=off")
+    _dvc(root, env, "exp", "run", "-n", "kd-t2", "-S", "methods.kd.temperature=2", "-S", "runtime.compile=off")
     # `dvc exp run` leaves the experiment's results in the workspace.
     headline_of = {"main": json.loads(_run(["git", "show", "main:dvclive/metrics.json"], root, env)),
                    "kd-t2": json.loads((root / "dvclive" / "metrics.json").read_text())}
