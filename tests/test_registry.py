@@ -118,6 +118,33 @@ def test_sync_check_fails_when_the_registry_file_is_stale(tmp_path: Path, monkey
 
 
 # ----------------------------------------------------------------------------------------------
+# Layers (issue 18.4): the library knows nothing of the layers above it
+
+# Each top-level package and the packages it may import: sweeps and analysis use the library, the DVC
+# glue (pipeline) uses all three, and nothing imports pipeline.
+LAYERS = {"reproduce": set(), "sweeps": {"reproduce"}, "analysis": {"reproduce"},
+          "pipeline": {"reproduce", "sweeps", "analysis"}}
+
+
+def layer_violations(layers: dict[str, set[str]]) -> list[str]:
+    """Every import (function-level ones included) of a project package its layer may not use."""
+    problems = []
+    for package, allowed in layers.items():
+        for path in sorted((PROJECT / package).rglob("*.py")):
+            for name in imported_names([ast.parse(path.read_text())]):
+                top = name.split(".")[0]
+                if top in layers and top != package and top not in allowed:
+                    problems.append(f"{path.relative_to(PROJECT)} imports {name}")
+    return sorted(set(problems))
+
+
+def test_each_layer_imports_only_the_layers_below_it() -> None:
+    assert layer_violations(LAYERS) == []
+    # The check can fail: pipeline imports the library, which the library's own layer may not do.
+    assert any(item.startswith("pipeline/") for item in layer_violations({**LAYERS, "pipeline": set()}))
+
+
+# ----------------------------------------------------------------------------------------------
 # Deps completeness
 
 
