@@ -184,6 +184,7 @@ def test_the_ranks_batches_are_the_one_process_global_batch(prepared_root: Path)
             assert torch.equal(together_x, x[order]) and torch.equal(together_y, y[order])
 
 
+@pytest.mark.slow  # torchrun
 def test_dml_on_two_ranks_matches_one_process_with_the_global_batch(dml: tuple[dict, dict]) -> None:
     single, ddp = dml
     _finished(single)
@@ -196,6 +197,7 @@ def test_dml_on_two_ranks_matches_one_process_with_the_global_batch(dml: tuple[d
     print(f"dml: one process {single['seconds']:.1f} s, two ranks {ddp['seconds']:.1f} s")
 
 
+@pytest.mark.slow  # torchrun
 def test_switokd_pauses_its_teacher_on_every_rank_alike(switokd: tuple[dict, dict]) -> None:
     single, ddp = switokd
     _finished(single)
@@ -224,6 +226,7 @@ def stalled(prepared_root: Path, workdir: Path) -> dict:
     return _launch(workdir, "stalled", "dml", params, WORLD, env={"DDP_TEST_FAULT": "stall:1:3"}, timeout=100)
 
 
+@pytest.mark.slow  # torchrun
 def test_a_rank_that_stops_answering_ends_the_job_with_a_timeout_error(stalled: dict) -> None:
     run = stalled
     assert run["rc"] != 0
@@ -234,6 +237,7 @@ def test_a_rank_that_stops_answering_ends_the_job_with_a_timeout_error(stalled: 
     assert not (run["run_dir"] / "metrics.json").exists()
 
 
+@pytest.mark.slow  # torchrun
 def test_without_sync_batchnorm_the_first_step_differs_and_the_check_sees_it(
         dml: tuple[dict, dict], stalled: dict) -> None:
     """The control: the same first step with each rank's own BatchNorm statistics fails the comparison."""
@@ -243,6 +247,7 @@ def test_without_sync_batchnorm_the_first_step_differs_and_the_check_sees_it(
         _check_first_step_matches(single, stalled)
 
 
+@pytest.mark.slow  # torchrun
 def test_a_rank_that_exits_ends_the_job_at_once(prepared_root: Path, workdir: Path) -> None:
     params = _params(prepared_root, workdir, PER_RANK, False, runtime={"ddp_timeout_s": 60})
     run = _launch(workdir, "exited", "dml", params, WORLD, env={"DDP_TEST_FAULT": "exit:1:3"}, timeout=100)
@@ -252,6 +257,7 @@ def test_a_rank_that_exits_ends_the_job_at_once(prepared_root: Path, workdir: Pa
     assert run["seconds"] < 40  # well within the 60 s timeout: a closed connection is noticed at once
 
 
+@pytest.mark.slow  # torchrun
 def test_ranks_that_disagree_on_the_roles_to_update_fail_together_instead_of_hanging(
         prepared_root: Path, workdir: Path) -> None:
     params = _params(prepared_root, workdir, PER_RANK, False, runtime={"ddp_timeout_s": 60})
@@ -269,6 +275,7 @@ def teacher_runs(prepared_root: Path, workdir: Path) -> Path:
     return run["run_dir"].parent
 
 
+@pytest.mark.slow  # torchrun
 def test_a_role_that_bypasses_its_networks_forward_is_averaged_like_every_other(
         prepared_root: Path, teacher_runs: Path, workdir: Path) -> None:
     """SOKD calls ``self.aux.head(...)``, never ``self.aux(...)`` (and AEKT's role is a ModuleDict without a

@@ -38,6 +38,7 @@ def test_cosine_schedule_and_linear_warmup() -> None:
         learning_rate(0.1, ScheduleConfig(name="linear"), 10, 1, 0.0)
 
 
+@pytest.mark.slow  # a training run
 def test_a_run_writes_best_and_last_side_by_side(prepared_root: Path, tmp_path: Path) -> None:
     config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 3})
     spec = RunSpec("vanilla", 0, tmp_path / "runs" / "vanilla" / "seed0", tmp_path / "ckpt")
@@ -60,6 +61,7 @@ def test_a_run_writes_best_and_last_side_by_side(prepared_root: Path, tmp_path: 
         assert (spec.run_dir / name).exists()
 
 
+@pytest.mark.slow  # a training run
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_root: Path, tmp_path: Path) -> None:
     """DML trains two networks with two optimisers: a good stress of what a checkpoint must hold."""
     config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 3, "optimizer": {"lr": 0.1}},
@@ -83,6 +85,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(prepared_root: Path
             assert torch.equal(tensor, weights_b[network][name]), f"{network}.{name} differs after resume"
 
 
+@pytest.mark.slow  # a training run
 def test_resume_auto_ignores_a_checkpoint_of_another_configuration(prepared_root: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
     spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
@@ -95,6 +98,7 @@ def test_resume_auto_ignores_a_checkpoint_of_another_configuration(prepared_root
     assert [int(r["epoch"]) for r in _history(spec.run_dir)] == [1, 2]
 
 
+@pytest.mark.slow  # a training run
 def test_a_failure_mid_run_keeps_the_last_good_checkpoint(prepared_root: Path, tmp_path: Path) -> None:
     spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
     config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 3})
@@ -112,6 +116,7 @@ def test_a_failure_mid_run_keeps_the_last_good_checkpoint(prepared_root: Path, t
     assert summary["epochs"] == 3
 
 
+@pytest.mark.slow  # a training run
 def test_offline_method_without_teacher_says_how_to_train_it(prepared_root: Path, tmp_path: Path) -> None:
     config = tiny_config(prepared_root, tmp_path)
     with pytest.raises(FileNotFoundError, match=r"dvc repro train@teacher"):
@@ -125,6 +130,7 @@ def test_bad_method_parameter_fails_before_any_output(prepared_root: Path, tmp_p
     assert not (tmp_path / "run").exists() and not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.slow  # a training run
 def test_kd_distils_from_the_trained_teacher(prepared_root: Path, teacher_runs_root: Path, tmp_path: Path) -> None:
     config = tiny_config(prepared_root, tmp_path, teacher={"runs_root": str(teacher_runs_root)})
     summary = train(config, RunSpec("kd", 0, tmp_path / "run", tmp_path / "ckpt"), track=False)
@@ -134,6 +140,7 @@ def test_kd_distils_from_the_trained_teacher(prepared_root: Path, teacher_runs_r
     assert summary["last"]["test"]["student"]["top1"] > 30
 
 
+@pytest.mark.slow  # a training run
 @pytest.mark.parametrize("method, cached", [("kd", {"teacher"}), ("dml", set())])
 def test_only_networks_that_cannot_change_are_evaluated_once(prepared_root: Path, teacher_runs_root: Path,
                                                               tmp_path: Path, method: str, cached: set[str]) -> None:
@@ -171,6 +178,7 @@ def prepared_without_validation(tmp_path_factory: pytest.TempPathFactory) -> Pat
     return root
 
 
+@pytest.mark.slow  # a training run
 def test_without_a_validation_split_the_best_epoch_is_chosen_on_test_and_named_so(
         prepared_without_validation: Path, tmp_path: Path) -> None:
     """The papers' protocol: the whole training set trains, the best epoch is max test top-1."""
@@ -227,6 +235,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_no_code(prepared_root: Path, t
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.slow  # a training run
 def test_a_truncated_checkpoint_names_the_file_and_the_fix(prepared_root: Path, tmp_path: Path) -> None:
     config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 2})
     spec = RunSpec("vanilla", 0, tmp_path / "run", tmp_path / "ckpt")
@@ -238,6 +247,7 @@ def test_a_truncated_checkpoint_names_the_file_and_the_fix(prepared_root: Path, 
     assert train(config, spec, resume="never", track=False)["epochs"] == 2
 
 
+@pytest.mark.slow  # a training run
 def test_a_crafted_teacher_file_is_refused(prepared_root: Path, tmp_path: Path) -> None:
     teacher = tmp_path / "teacher-runs" / "seed0" / "final.pt"
     teacher.parent.mkdir(parents=True)
@@ -246,6 +256,7 @@ def test_a_crafted_teacher_file_is_refused(prepared_root: Path, tmp_path: Path) 
         train(tiny_config(prepared_root, tmp_path), RunSpec("kd", 0, tmp_path / "run", tmp_path / "ckpt"), track=False)
 
 
+@pytest.mark.slow  # a training run
 def test_a_finished_run_says_it_is_done_instead_of_training_again(prepared_root: Path, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
     config = tiny_config(prepared_root, tmp_path, recipe={"epochs": 1})
