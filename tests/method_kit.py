@@ -110,6 +110,16 @@ def rejects(name: str, bad: dict[str, Any]) -> None:
         get_method(name).parse_params(bad)
 
 
+def declares(name: str, display_name: str, row_order: int, bad: list[dict[str, Any]]) -> type[Method]:
+    """Method ``name`` shows as ``display_name`` in row ``row_order``, and each of the ``bad`` coefficient
+    settings is an error naming its key. Returns the class."""
+    method_cls = get_method(name)
+    assert (method_cls.display_name, method_cls.row_order) == (display_name, row_order)
+    for coefficients in bad:
+        rejects(name, coefficients)
+    return method_cls
+
+
 def read_history(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "history.tsv") as table:
         return list(csv.DictReader(table, delimiter="\t"))

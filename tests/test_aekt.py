@@ -8,22 +8,15 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from method_kit import CLASSES, batch, build, has_grads, rejects, total_loss, trains_and_learns
+from method_kit import CLASSES, batch, build, has_grads, declares, total_loss, trains_and_learns
 from reproduce.losses import dkd_parts, target_log_probability
-from reproduce.methods import get_method
 from reproduce.train import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("bad", [{"head": "diagonal"}, {"explicit_weighting": "square"}])
-def test_bad_options_name_their_key(bad: dict) -> None:
-    rejects("aekt", bad)
-
-
-def test_declarations() -> None:
-    method_cls = get_method("aekt")
-    assert method_cls.display_name == 'AEKT' and method_cls.row_order == 31
+def test_declarations_and_bad_options() -> None:
+    declares("aekt", "AEKT", 31, bad=[{"head": "diagonal"}, {"explicit_weighting": "square"}])
 
 
 def test_aekt_with_g_one_is_dkd_with_alpha_gamma() -> None:
@@ -78,6 +71,7 @@ def test_aekt_saves_the_serial_head_as_an_image(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss_and_the_student_learns(prepared_root: Path, teacher_runs_root: Path, tmp_path: Path) -> None:
+def test_training_lowers_the_loss_and_the_student_learns(prepared_root: Path, teacher_runs_root: Path,
+                                                         tmp_path: Path) -> None:
     summary = trains_and_learns("aekt", {"warmup_epochs": 1}, prepared_root, tmp_path, teacher_runs_root)
     assert set(summary["signals"]) == {"ratio"}

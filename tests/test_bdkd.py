@@ -9,22 +9,16 @@ from typing import Any
 import pytest
 import torch
 
-from method_kit import batch, build, constant_output, rejects, trains_and_learns
+from method_kit import batch, build, constant_output, declares, trains_and_learns
 from reproduce.losses import kd_loss, reverse_kd_loss
-from reproduce.methods import Method, get_method
+from reproduce.methods import Method
 from reproduce.methods.bdkd import FORWARD_WEIGHTINGS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("bad", [{"weighting": "soft"}, {"teacher_reg": "forward"}])
-def test_bad_options_name_their_key(bad: dict) -> None:
-    rejects("bdkd", bad)
-
-
-def test_declarations() -> None:
-    method_cls = get_method("bdkd")
-    assert method_cls.display_name == 'BD-KD' and method_cls.row_order == 30
+def test_declarations_and_bad_options() -> None:
+    declares("bdkd", "BD-KD", 30, bad=[{"weighting": "soft"}, {"teacher_reg": "forward"}])
 
 
 def test_bdkd_weights_are_in_unit_interval() -> None:

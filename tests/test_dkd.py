@@ -6,20 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from method_kit import batch, build, rejects, trains_and_learns
-from reproduce.methods import get_method
+from method_kit import batch, build, declares, trains_and_learns
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("bad", [{"warmup_epochs": 0}, {"temprature": 4.0}])
-def test_bad_options_name_their_key(bad: dict) -> None:
-    rejects("dkd", bad)
-
-
-def test_declarations() -> None:
-    method_cls = get_method("dkd")
-    assert method_cls.display_name == 'DKD' and method_cls.row_order == 11
+def test_declarations_and_bad_options() -> None:
+    declares("dkd", "DKD", 11, bad=[{"warmup_epochs": 0}, {"temprature": 4.0}])
 
 
 def test_dkd_warmup_ramps_the_distillation_term() -> None:
@@ -32,6 +25,7 @@ def test_dkd_warmup_ramps_the_distillation_term() -> None:
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss_and_the_student_learns(prepared_root: Path, teacher_runs_root: Path, tmp_path: Path) -> None:
+def test_training_lowers_the_loss_and_the_student_learns(prepared_root: Path, teacher_runs_root: Path,
+                                                         tmp_path: Path) -> None:
     summary = trains_and_learns("dkd", {"warmup_epochs": 1}, prepared_root, tmp_path, teacher_runs_root)
     assert set(summary["signals"]) == set()

@@ -6,16 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from method_kit import batch, build
+from method_kit import batch, build, declares
 from reproduce.losses import kd_loss
-from reproduce.methods import MethodKind, get_method
+from reproduce.methods import MethodKind
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_declarations() -> None:
-    method_cls = get_method("dml")
-    assert method_cls.display_name == "DML" and method_cls.row_order == 20 and method_cls.kind is MethodKind.ONLINE
+    assert declares("dml", "DML", 20, bad=[{"extra_students": -1}]).kind is MethodKind.ONLINE
 
 
 def test_each_peer_learns_from_the_mean_of_the_others() -> None:

@@ -6,16 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from method_kit import batch, build
+from method_kit import batch, build, declares
 from reproduce.losses import kd_loss
-from reproduce.methods import MethodKind, get_method
+from reproduce.methods import MethodKind
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_declarations() -> None:
-    method_cls = get_method("kd")
-    assert method_cls.display_name == "KD" and method_cls.row_order == 10 and method_cls.kind is MethodKind.OFFLINE
+    assert declares("kd", "KD", 10, bad=[{"temperature": 0}, {"kd_weight": -1.0}]).kind is MethodKind.OFFLINE
 
 
 def test_the_student_learns_ce_and_the_tempered_kl_of_the_frozen_teacher() -> None:

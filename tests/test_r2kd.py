@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import reproduce.methods.r2kd as r2kd
-from method_kit import batch, build, has_grads, random_logits, rejects, trains_and_learns
+from method_kit import batch, build, declares, has_grads, random_logits, trains_and_learns
 from reproduce.data.augment import AUGMENTATIONS
-from reproduce.methods import get_method
 from reproduce.methods.r2kd import (
     correlation_distance,
     correlation_value_loss,
@@ -26,14 +25,9 @@ from reproduce.methods.r2kd import (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("bad", [{"augmentation": "autoaugment"}, {"rank_gradient": "hard"}, {"pruned_teacher_mode": "frozen"}])
-def test_bad_options_name_their_key(bad: dict) -> None:
-    rejects("r2kd", bad)
-
-
-def test_declarations() -> None:
-    method_cls = get_method("r2kd")
-    assert method_cls.display_name == 'R2KD' and method_cls.row_order == 34
+def test_declarations_and_bad_options() -> None:
+    method_cls = declares("r2kd", "R2KD", 34, bad=[{"augmentation": "autoaugment"}, {"rank_gradient": "hard"},
+                                                   {"pruned_teacher_mode": "frozen"}])
     assert "rank_weight" not in method_cls.search_space  # no gradient with the code's argsort ranks
 
 
@@ -199,6 +193,7 @@ def test_cutout_zeroes_one_box_per_batch() -> None:
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss_and_the_student_learns(prepared_root: Path, teacher_runs_root: Path, tmp_path: Path) -> None:
+def test_training_lowers_the_loss_and_the_student_learns(prepared_root: Path, teacher_runs_root: Path,
+                                                         tmp_path: Path) -> None:
     summary = trains_and_learns("r2kd", {}, prepared_root, tmp_path, teacher_runs_root)
     assert set(summary["signals"]) == {"pruned_sparsity", "loss_value", "loss_rank"}

@@ -8,21 +8,14 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from method_kit import batch, build, grads_are_none, has_grads, rejects, total_loss, trains_and_learns
-from reproduce.methods import get_method
+from method_kit import batch, build, grads_are_none, has_grads, declares, total_loss, trains_and_learns
 from reproduce.train import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("bad", [{"aux_init": "zeros"}, {"frozen_bn": "off"}])
-def test_bad_options_name_their_key(bad: dict) -> None:
-    rejects("sokd", bad)
-
-
-def test_declarations() -> None:
-    method_cls = get_method("sokd")
-    assert method_cls.display_name == 'SOKD' and method_cls.row_order == 33
+def test_declarations_and_bad_options() -> None:
+    declares("sokd", "SOKD", 33, bad=[{"aux_init": "zeros"}, {"frozen_bn": "off"}])
 
 
 def test_sokd_gradients_reach_only_the_branch_and_the_student() -> None:
@@ -66,6 +59,7 @@ def test_sokd_options() -> None:
 
 
 @pytest.mark.slow
-def test_training_lowers_the_loss_and_the_student_learns(prepared_root: Path, teacher_runs_root: Path, tmp_path: Path) -> None:
+def test_training_lowers_the_loss_and_the_student_learns(prepared_root: Path, teacher_runs_root: Path,
+                                                         tmp_path: Path) -> None:
     summary = trains_and_learns("sokd", {}, prepared_root, tmp_path, teacher_runs_root)
     assert set(summary["signals"]) == set()

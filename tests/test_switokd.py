@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import reproduce.methods.switokd as switokd
-from method_kit import (BATCH, FixedBatches, batch, build, constant_output, optimizers_for, random_logits, rejects,
+from method_kit import (BATCH, FixedBatches, batch, build, constant_output, declares, optimizers_for, random_logits,
                         run_epoch, total_loss, trains_and_learns)
 from reproduce.losses import cross_entropy
-from reproduce.methods import Method, get_method
+from reproduce.methods import Method
 from reproduce.methods.switokd import gap_threshold, threshold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,14 +70,8 @@ def test_the_device_decision_trains_exactly_as_the_official_host_decision() -> N
     assert any(modes) and not all(modes), f"both modes must occur: {modes}"
 
 
-@pytest.mark.parametrize("bad", [{"eps_form": "figure"}, {"temperature_squared": "yes"}])
-def test_bad_options_name_their_key(bad: dict) -> None:
-    rejects("switokd", bad)
-
-
-def test_declarations() -> None:
-    method_cls = get_method("switokd")
-    assert method_cls.display_name == 'SwitOKD' and method_cls.row_order == 32
+def test_declarations_and_bad_options() -> None:
+    declares("switokd", "SwitOKD", 32, bad=[{"eps_form": "figure"}, {"temperature_squared": "yes"}])
 
 
 @pytest.mark.parametrize("seed", range(40))
