@@ -1,4 +1,5 @@
-"""One optimiser per role, and learning rates as a pure function of training progress, looked up per step."""
+"""One optimiser per role, learning rates as a pure function of training progress looked up per step, and an
+optimiser step kept only where a gate on the device says so (SwitOKD's paused teacher)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,26 @@ class LearningRates:
 
     def last_of_epoch(self, epoch: int) -> dict[str, float]:
         return {role: rates[-1] for role, rates in self.of_epoch(epoch).items()}
+
+
+def gated_update(optimizer: torch.optim.Optimizer, gate: Tensor) -> None:
+    """``optimizer.step()`` kept only where ``gate`` (a 0-d bool tensor) is True: otherwise its parameters and
+    state are put back as they were. State this step created (SGD's momentum at its first update) goes back
+    to zeros, which SGD without dampening, and AdamW, treat exactly as no state."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    existing = {(index, key) for index, p in enumerate(params) for key in optimizer.state.get(p, {})}
+    before = _tensors(optimizer, params, lambda index, key: True)
+    with torch.no_grad():
+        kept = torch._foreach_mul(before, 1.0)  # copies, -0.0 and NaN included, in one multi-tensor op
+    optimizer.step()
+    created = _tensors(optimizer, params, lambda index, key: (index, key) not in existing)[len(params):]
+    with torch.no_grad():
+        torch._foreach_copy_(before + created, [torch.where(gate, tensor, old) for tensor, old in zip(before, kept)]
+                             + [torch.where(gate, tensor, 0.0) for tensor in created])
+
+
+def _tensors(optimizer: torch.optim.Optimizer, params: list[Tensor], chosen: Any) -> list[Tensor]:
+    """The parameters, then the tensors of their optimiser state that ``chosen(index, key)`` picks."""
+    state = [value for index, p in enumerate(params) for key, value in optimizer.state.get(p, {}).items()
+             if torch.is_tensor(value) and chosen(index, key)]
+    return params + state

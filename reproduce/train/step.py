@@ -24,7 +24,7 @@ previous epoch's, is what stays on disk.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -32,6 +32,7 @@ from torch import Tensor
 from reproduce.distributed import Replicas
 from reproduce.methods.base import Method, Step
 from reproduce.runtime import Runtime
+from reproduce.train.optim import gated_update
 
 if TYPE_CHECKING:
     from reproduce.train.compiled import CompiledStep
@@ -85,26 +86,3 @@ def roles_to_update(step: Step, roles: Iterable[str]) -> list[str]:
     if unknown:
         raise KeyError(f"step asked to update unknown roles {sorted(unknown)}; roles are {known}")
     return updated
-
-
-def gated_update(optimizer: torch.optim.Optimizer, gate: Tensor) -> None:
-    """``optimizer.step()`` kept only where ``gate`` (a 0-d bool tensor) is True: otherwise its parameters and
-    state are put back as they were. State this step created (SGD's momentum at its first update) goes back
-    to zeros, which SGD without dampening, and AdamW, treat exactly as no state."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    existing = {(index, key) for index, p in enumerate(params) for key in optimizer.state.get(p, {})}
-    before = _tensors(optimizer, params, lambda index, key: True)
-    with torch.no_grad():
-        kept = torch._foreach_mul(before, 1.0)  # copies, -0.0 and NaN included, in one multi-tensor op
-    optimizer.step()
-    created = _tensors(optimizer, params, lambda index, key: (index, key) not in existing)[len(params):]
-    with torch.no_grad():
-        torch._foreach_copy_(before + created, [torch.where(gate, tensor, old) for tensor, old in zip(before, kept)]
-                             + [torch.where(gate, tensor, 0.0) for tensor in created])
-
-
-def _tensors(optimizer: torch.optim.Optimizer, params: list[Tensor], chosen: Any) -> list[Tensor]:
-    """The parameters, then the tensors of their optimiser state that ``chosen(index, key)`` picks."""
-    state = [value for index, p in enumerate(params) for key, value in optimizer.state.get(p, {}).items()
-             if torch.is_tensor(value) and chosen(index, key)]
-    return params + state
