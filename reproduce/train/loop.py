@@ -244,7 +244,7 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
             raise ConfigError("recipe.epochs must be at least 1")
         writer.wait()  # finish reads best.pt
         summary = finish(run.method, config, spec, tracker, run.eval_batches, run.runtime, run.history, run.best,
-                         BEST_KEYS[run.selection])
+                         BEST_KEYS[run.selection], run.evaluated_networks)
     except BaseException as error:
         writer.wait(raise_error=False)  # the last good checkpoint is whole on disk before the run ends
         tracker.finish({}, status=getattr(error, "tracking_status", "failed"))

@@ -29,8 +29,10 @@ BEST_KEYS = {"val": "best", "test": "best_test_selected"}  # metrics.json's name
 
 
 def finish(method: Method, config: Config, spec: RunSpec, tracker: Tracker, eval_batches: dict[str, Batches],
-           runtime: Runtime, history: list[dict[str, float]], best: dict[str, Any], best_key: str) -> dict[str, Any]:
-    """Write the run's outputs: weights (last and best), logits, method artefacts, metrics.json."""
+           runtime: Runtime, history: list[dict[str, float]], best: dict[str, Any], best_key: str,
+           networks: dict[str, nn.Module] | None = None) -> dict[str, Any]:
+    """Write the run's outputs: weights (last and best), logits, method artefacts, metrics.json. ``networks``:
+    what evaluates each network (the compiled copies with runtime.compile), as in training."""
     last_row = history[-1]
     best_row = next(row for row in history if row["epoch"] == best["epoch"])
     teacher = method.eval_networks().get("teacher")  # a loaded (pretrained) teacher carries its provenance
@@ -50,7 +52,7 @@ def finish(method: Method, config: Config, spec: RunSpec, tracker: Tracker, eval
     }
     if runtime.is_main:
         # Last-epoch logits are recomputed here so a run resumed after its final epoch still has them.
-        _, last_logits, labels = evaluate(method, eval_batches, runtime)
+        _, last_logits, labels = evaluate(method, eval_batches, runtime, networks=networks)
         last_logits, labels = to_host(last_logits), {split: values.cpu() for split, values in labels.items()}
         best_predictions = load_state(spec.checkpoint_dir / "best_predictions.pt", "predictions file",
                                       "rerun with --resume never")
