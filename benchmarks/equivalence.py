@@ -25,6 +25,7 @@ VARIANTS: dict[str, tuple[bool, bool, bool]] = {
     "bf16": (True, False, False),
     "bf16+cl": (True, True, False),  # the engine's automatic CUDA runtime
     "bf16+cl+compile": (True, True, True),  # ... with runtime.compile on
+    "fp32+compile": (False, False, True),  # a CPU's compiled runtime (the dry run's)
 }
 
 # Tolerance of every loss term against fp32, per variant and device type, as a fraction of the whole

@@ -94,7 +94,7 @@ DRY_RUN_OVERRIDES: dict[str, Any] = {
     "equivalence": {"pair": ("resnet8x4", "resnet8"), "batch": 8},
     "throughput": {"batches": [8], "compile_batches": [8], "warmup": 1, "steps": 2},
     "costs": {"pair": ("resnet8x4", "resnet8"), "batch": 8, "steps": 2, "variant": "fp32",
-              "compiled_variant": "fp32"},
+              "compiled_variant": "fp32+compile"},
     "epoch": {"pair": ("resnet8x4", "resnet8"), "train_images": 64, "test_images": 16, "batch": 8,
               "warmup_steps": 1},
 }
