@@ -91,7 +91,7 @@ class TrialObjective:
 
         def report(epoch: int, row: dict[str, float]) -> None:
             trial.set_user_attr(EPOCHS_ATTR, epoch)
-            if not reports:
+            if not reports or key not in row:  # not evaluated this epoch (recipe.eval_every)
                 return
             trial.report(row[key], epoch)
             if first_check is not None and first_check <= epoch < self.job.settings.epochs_per_trial \
