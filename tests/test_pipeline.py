@@ -1,6 +1,6 @@
 """The DVC pipeline: its headline metrics (fast, below) and, end to end, a real tiny `dvc repro` of the
 embedded pipeline in a git copy of the project, with a throw-away method added as one new file and nothing
-else (slow: 12 minutes on the shared 2-core machine, 11 of them the first `dvc repro`; CI runs it).
+else (slow: 7 minutes on 2 cores, 6 of them the first `dvc repro`; CI runs it).
 
 End to end it checks what a user relies on: every registered method (the new one included) is trained,
 swept and reported; a second `dvc repro` does nothing; changing one method's coefficient invalidates only
