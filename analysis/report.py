@@ -204,7 +204,8 @@ def log_to_trackers(config: Config, settings: AnalysisConfig, runset: RunSet, fi
                           tags={"stage": "analysis", "dataset": setup.dataset, "teacher": setup.teacher,
                                 "student": setup.student},
                           params={"analysis": settings.model_dump(),
-                                  "runs": {label: [run.seed for run in runset.of(label)] for label in runset.labels}})
+                                  "runs": {label: [run.seed for run in runset.of(label)] for label in runset.labels}},
+                          job_type="analysis")
         for entry in figures:
             tracker.log_image(f"analysis/{entry.stem}", entry.png)
         tracker.log_artifact(out_dir / "index.html", kind="report")

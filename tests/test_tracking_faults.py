@@ -100,7 +100,9 @@ def test_random_kills_leave_every_tracked_history_equal_to_history_tsv(prepared_
     assert len(counts) == len(set(counts)), "an epoch reached MLflow twice"
     _assert_same(tracked, expected, "MLflow")
 
-    parts = [read_wandb_offline_run(path) for path in sorted((tmp_path / "wandb").glob("offline-run-*"))]
+    # A kill during W&B's start-up leaves a run folder without a log file: nothing of it was ever recorded.
+    parts = [read_wandb_offline_run(path) for path in sorted((tmp_path / "wandb").glob("offline-run-*"))
+             if any(path.glob("run-*.wandb"))]
     steps = [row["_step"] for part in parts for row in part["history"]]
     assert sorted(steps) == list(range(1, epochs + 1)), f"W&B holds steps {steps}"
     logged = {(name, row["_step"]): value for part in parts for row in part["history"]
@@ -115,15 +117,13 @@ def _ledger(tmp_path: Path) -> list[Path]:
 
 
 def _assert_same(tracked: dict, expected: dict, label: str) -> None:
-    """Every (metric, epoch) of history.tsv, no other, with its value. Wall-clock timings (time/*) are
-    compared for presence only: the loop sends an epoch to the trackers before its checkpoint is written,
-    so an epoch that a kill made run twice keeps the first run's timing in the trackers (reported to the
-    engine's owner); every computed number of a resumed run is bit-identical and compared exactly."""
+    """Every (metric, epoch) of history.tsv, no other, with its value, wall-clock timings included: the loop
+    sends an epoch to the trackers only once its checkpoint is on disk, so an epoch that a kill made run
+    twice reaches them from the run that completed it."""
     assert set(tracked) == set(expected), f"{label}: lacks {sorted(set(expected) - set(tracked))[:5]}, " \
                                           f"extra {sorted(set(tracked) - set(expected))[:5]}"
     for (name, step), value in expected.items():  # history.tsv keeps 6 significant digits
-        if not name.startswith("time/"):
-            assert tracked[name, step] == pytest.approx(value, rel=1e-5, abs=1e-9), (label, name, step)
+        assert tracked[name, step] == pytest.approx(value, rel=1e-5, abs=1e-9), (label, name, step)
 
 
 class SilentServer:

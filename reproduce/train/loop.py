@@ -26,12 +26,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from reproduce.config import Config, ConfigError
+from reproduce.config import Config
 from reproduce.data.loader import Batches, make_loaders
 from reproduce.data.prepare import load_prepared
 from reproduce.distributed import Replicas, make_replicas
 from reproduce.io import atomic_torch_save, write_table
-from reproduce.methods.base import Method, build_method, get_method
+from reproduce.methods.base import Method, build_method
 from reproduce.runtime import Runtime, resolve_runtime, seed_everything
 from reproduce.tracking import Tracker, repair_finished_run, training_params
 from reproduce.train.build import make_networks
@@ -123,7 +123,6 @@ def start(config: Config, spec: RunSpec) -> Run:
     if config.runtime.threads > 0:
         torch.set_num_threads(config.runtime.threads)
     seed_everything(spec.seed, config.runtime.deterministic)
-    get_method(spec.method).parse_params(config.methods.get(spec.method))  # fail on a bad coefficient before any I/O
 
     prepared = load_prepared(config.dataset.prepared_dir)
     train_batches, eval_batches = make_loaders(
@@ -169,18 +168,19 @@ def run_epoch(run: Run, epoch: int, tracker: Tracker, bar: "tqdm | None", writer
             run.best = {"epoch": epoch, "score": score}
             best_files = {"logits": to_host(logits), "labels": host_copy(labels), "epoch": epoch}
     run.history.append(row)
-    tracker.log_epoch(row)
     if run.runtime.is_main:
         write_table(run.spec.run_dir / "history.tsv", run.history)
-        write_checkpoint(run, epoch, tracker.key, best_files, writer)
+        # The trackers get the epoch once its checkpoint is on disk: a killed run never leaves them an epoch
+        # that its resume trains again (with other timings), and the resume re-sends what they lack.
+        write_checkpoint(run, epoch, tracker.key, best_files, writer, then=lambda: tracker.log_epoch(row))
         report_epoch(bar, row, run.method, run.config)
     return row
 
 
 def write_checkpoint(run: Run, epoch: int, tracker_key: Any, best_files: dict[str, Any] | None,
-                     writer: BackgroundWriter) -> None:
+                     writer: BackgroundWriter, then: Callable[[], None]) -> None:
     """The epoch's files, copied to the host now and written by the background writer: best.pt and its
-    predictions when the epoch is the best so far, then last.pt."""
+    predictions when the epoch is the best so far, then last.pt, then ``then()``."""
     state = checkpoint_state(config=run.config, spec=run.spec, epoch=epoch, method=run.method,
                              optimizers=run.optimizers, history=run.history, best=run.best, tracker_key=tracker_key,
                              frozen=run.frozen)
@@ -193,6 +193,7 @@ def write_checkpoint(run: Run, epoch: int, tracker_key: Any, best_files: dict[st
             save_networks(best_networks, run.config, directory / "best.pt", epoch)
             atomic_torch_save(best_files, directory / "best_predictions.pt")
         atomic_torch_save(state, directory / "last.pt")
+        then()
 
     writer.submit(job)
 
@@ -240,8 +241,6 @@ def train(config: Config, spec: RunSpec, *, resume: str = "auto", stop_after_epo
                 writer.wait()
                 tracker.suspend()
                 return {"stopped_after_epoch": epoch}
-        if not run.history:
-            raise ConfigError("recipe.epochs must be at least 1")
         writer.wait()  # finish reads best.pt
         summary = finish(run.method, config, spec, tracker, run.eval_batches, run.runtime, run.history, run.best,
                          BEST_KEYS[run.selection], run.evaluated_networks)
