@@ -106,7 +106,8 @@ def test_the_report_names_each_unfinished_run_with_its_log(tmp_path: Path) -> No
     runs = runs_for(["teacher", "kd"], [0], tmp_path, tmp_path)
     report = Report.of(runs, {"teacher/seed0": Outcome(runs[0], "failed", tmp_path / "t.log", "exit code 1")})
     assert report.exit_code == 1 and report.lines()[:3] == [
-        "0 of 2 runs done", f"  teacher/seed0: failed (exit code 1); log {tmp_path / 't.log'}", "  kd/seed0: not started"]
+        "0 of 2 runs done", f"  teacher/seed0: failed (exit code 1); log {tmp_path / 't.log'}",
+        "  kd/seed0: not started"]
     with pytest.raises(RunsFailedError, match="teacher/seed0: failed"):
         report.summaries()
     assert Report.of(runs, {}, interrupted=True).exit_code == 130

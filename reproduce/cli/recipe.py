@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     runs = with_teacher_dependencies(runs_for(methods, config.pipeline.seeds, runs_root, checkpoints_root), config)
     if args.dry_run:
         for run in runs:
-            print(f"  {run.method:8s} seed {run.seed} -> {run.run_dir}" + (f" (after {run.needs})" if run.needs else ""))
+            after = f" (after {run.needs})" if run.needs else ""
+            print(f"  {run.method:8s} seed {run.seed} -> {run.run_dir}{after}")
         return 0
     from reproduce.data.prepare import prepare
 

@@ -6,6 +6,7 @@ run prints a line when its state changes (waiting, running, done, failed ...), n
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -39,7 +40,8 @@ class Board:
         if not self.tty or (not force and time.monotonic() - self.last_draw < REDRAW_S):
             return
         up = f"\x1b[{self.drawn}F" if self.drawn else ""  # back to the table's first line
-        self.stream.write(up + "".join(f"\x1b[2K{self.line(name)}\n" for name in self.states))
+        width = shutil.get_terminal_size().columns - 1  # a wrapped line would throw the count of lines off
+        self.stream.write(up + "".join(f"\x1b[2K{self.line(name)[:width]}\n" for name in self.states))
         self.stream.flush()
         self.drawn, self.last_draw = len(self.states), time.monotonic()
 

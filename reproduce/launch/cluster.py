@@ -122,7 +122,9 @@ class Submission:
             for name, submitted in list(self.active.items()):
                 job, run = submitted.job, submitted.run
                 if not job.done():
-                    self.board.set(name, job.state.split(" ")[0].lower(), f"epoch {run.epochs_done()}, job {job.job_id}")
+                    state = job.state.split(" ")[0].lower()
+                    epochs = f"epoch {run.epochs_done()}/{self.launch.config.recipe.epochs}"
+                    self.board.set(name, state, f"{epochs}, job {job.job_id}")
                     continue
                 del self.active[name]
                 failed = job.exception() is not None

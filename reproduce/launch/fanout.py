@@ -54,8 +54,10 @@ def launch_runs(launch: Launch) -> Report:
         from reproduce.launch.cluster import run_on_cluster
 
         return run_on_cluster(launch)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank trains each run, on its own GPU
+        return run_here(launch, WorkerSlot())
     slots = plan_slots(launch.config.pipeline, launch.config.runtime.threads)
-    if len(slots) == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun every rank trains each run
+    if len(slots) == 1:
         return run_here(launch, slots[0])
     from reproduce.launch.pool import run_pool
 
@@ -63,7 +65,8 @@ def launch_runs(launch: Launch) -> Report:
     board = Board([run.name for run in launch.runs])
     for name, outcome in outcomes.items():
         board.set(name, outcome.state)
-    completed = run_pool(launch.runs, slots, lambda run, slot: start_worker(launch, run, slot), board, outcomes)
+    completed = run_pool(launch.runs, slots, lambda run, slot: start_worker(launch, run, slot), board, outcomes,
+                         launch.config.recipe.epochs)
     return Report.of(launch.runs, outcomes, interrupted=not completed)
 
 

@@ -41,9 +41,10 @@ class Worker:
 
 
 def run_pool(runs: list[RunJob], slots: list[WorkerSlot], start: StartWorker, board: Board,
-             outcomes: dict[str, Outcome]) -> bool:
-    """Run every run without an outcome yet; ``outcomes`` gets one per run. Returns False when stopped by
-    Ctrl-C or SIGTERM (the unfinished runs then say "interrupted" or "not started")."""
+             outcomes: dict[str, Outcome], epochs: int = 0) -> bool:
+    """Run every run without an outcome yet; ``outcomes`` gets one per run (``epochs``: of a run, for the
+    progress lines). Returns False when stopped by Ctrl-C or SIGTERM (the unfinished runs then say
+    "interrupted" or "not started")."""
     names = {run.name for run in runs}
     waiting = [run for run in runs if run.name not in outcomes]
     running: list[Worker] = []
@@ -67,7 +68,7 @@ def run_pool(runs: list[RunJob], slots: list[WorkerSlot], start: StartWorker, bo
                 for worker in list(running):
                     code = worker.process.poll()
                     if code is None:
-                        board.set(worker.run.name, "running", f"epoch {worker.run.epochs_done()}, "
+                        board.set(worker.run.name, "running", f"epoch {worker.run.epochs_done()}/{epochs}, "
                                   f"{worker.slot.describe()}; log {worker.log}")
                         continue
                     running.remove(worker)

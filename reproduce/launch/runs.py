@@ -63,7 +63,8 @@ def with_teacher_dependencies(runs: list[RunJob], config: Config) -> list[RunJob
     is one of ``runs``; with ``teacher.checkpoint`` (a released teacher) nothing waits."""
     from reproduce.methods import MethodKind, get_method
 
-    writers = [run.name for run in runs if run.method == "teacher" and run.run_dir / "final.pt" == config.teacher.weights]
+    writers = [run.name for run in runs
+               if run.method == "teacher" and run.run_dir / "final.pt" == config.teacher.weights]
     teacher = writers[0] if writers and not config.teacher.checkpoint else None
     return [replace(run, needs=teacher if get_method(run.method).kind is MethodKind.OFFLINE else None) for run in runs]
 
