@@ -1,8 +1,8 @@
 """Where a launch's runs train: in this process one after the other, in a local pool of worker processes,
 or on a SLURM cluster, as ``pipeline.devices``, ``pipeline.runs_per_device`` and ``pipeline.launcher`` say.
 
-With the defaults (``devices: auto``, one run per device) on a machine with at most one GPU, the runs
-train here, one after the other, exactly as before fan-out existed. More devices or more runs per device
+With the defaults (``devices: auto``, one run per device) the runs train here, one after the other, exactly
+as before fan-out existed. More devices or more runs per device
 start a pool (reproduce/launch/pool.py) of ``len(devices) * runs_per_device`` workers; ``launcher: slurm``
 submits job arrays (reproduce/launch/cluster.py). Logs, the workers' orders and submitit's files go to the
 launch folder (``<runs root>/launch/``), beside the runs, which keep the layout of sequential runs.
@@ -39,12 +39,13 @@ class Launch:
 
 
 def plan_slots(pipeline: PipelineConfig, configured_threads: int) -> list[WorkerSlot]:
-    """The worker slots of ``pipeline.devices`` x ``pipeline.runs_per_device``; the default on a machine with
-    at most one GPU is one slot as configured (runtime.device), i.e. the runs one after the other here."""
+    """The worker slots of ``pipeline.devices`` x ``pipeline.runs_per_device``. The default (``auto``, one run
+    per device) is one slot as configured (runtime.device): the runs one after the other here, on any
+    machine; fanning out over a node's GPUs is asked for by naming them (``0,1,2,3``)."""
+    if pipeline.devices == "auto" and pipeline.runs_per_device == 1:
+        return [WorkerSlot()]
     devices = parse_devices(pipeline.devices, "pipeline.devices")
     workers = len(devices) * pipeline.runs_per_device
-    if pipeline.devices == "auto" and workers == 1:
-        return [WorkerSlot()]
     return worker_slots(workers, devices, configured_threads)
 
 
