@@ -50,6 +50,9 @@ def test_a_run_writes_best_and_last_side_by_side(prepared_root: Path, tmp_path: 
     val = [float(row["val/student/top1"]) for row in history]
     assert summary["best"]["epoch"] == 1 + val.index(max(val))  # chosen on validation, never test
     assert summary["last"]["epoch"] == 3
+    # the CPU kernels and threads the numbers were computed with (reproduce/numerics.py)
+    assert summary["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert summary["environment"]["threads"] == 1
     best_row = history[summary["best"]["epoch"] - 1]
     assert summary["best"]["test"]["student"]["top1"] == pytest.approx(float(best_row["test/student/top1"]), rel=1e-5)
     assert float(history[0]["train/student/loss"]) > float(history[-1]["train/student/loss"])

@@ -1,13 +1,16 @@
 """The Tracker: one run, sent live to every tracking backend the config wants (backend.py).
 
 Each backend of a run gets a daemon thread of its own that makes its calls in order (a ``_Channel``),
-so training never waits on a tracking service except when a run ends (bounded by CLOSE_TIMEOUT_S).
+starting with the run's start (importing the library, opening the run), so training never waits on a
+tracking service except when a run ends (bounded by CLOSE_TIMEOUT_S) or a nested run's parent is being
+started (bounded by START_TIMEOUT_S).
 A backend that raises or does not answer is switched off for its destination for the rest of the
 process, after that one wait and with one warning; the runs it misses stay in the pending-runs ledger
 (ledger.py) for a rerun or `python -m reproduce.tracking sync` to complete from the run's files.
 
 A process that ends with runs open (an error outside the engine, a worker that stops) suspends them
-from an ``atexit`` hook, re-registered after every backend start so that it runs before the exit hook
+from an ``atexit`` hook, re-registered after every backend start (by the channel that started it) so
+that it runs before the exit hook
 W&B registers when it starts its service. ``atexit`` suffices because the channels are plain threads
 and MLflow is called synchronously in them: concurrent.futures executors (which MLflow's own
 asynchronous logging uses) stop taking work before ``atexit`` hooks run."""
@@ -81,6 +84,7 @@ class _Channel:
                 except Exception as error:  # noqa: BLE001  (a tracking outage must never end training)
                     self.failure = (action, error)
             if action == "start":
+                _exit_hook_runs_first()  # after the service registered its own exit hook
                 self.opened.set()
         self.done.set()
 
@@ -113,6 +117,8 @@ class Tracker:
         if enabled:
             info = RunInfo(self.key, run_name, self.group, job_type, self.run_dir, {**context_tags(), **tags}, params,
                            int(time.time() * 1000), resume_key is not None, parent.key if parent else None)
+            if parent is not None:  # a nested run names its parent: the parent must exist in the services first
+                parent.wait_started()
             self._open(config, info, history or [], None)
 
     @classmethod
@@ -154,15 +160,18 @@ class Tracker:
             if history:
                 channel.submit("log", backend.log, [dict(row) for row in history])
             self._channels.append(channel)
-        # Started before training goes on: a run that exists can be suspended by the exit hook (a process
-        # at exit can no longer import what a service needs), and a child's parent run exists.
+        # Training goes on while the services start: the first epochs queue behind the start. A process
+        # that exits meanwhile suspends the run from the exit hook once its start is through.
+        _OPEN.append(self)
+        _exit_hook_runs_first()
+
+    def wait_started(self) -> None:
+        """Wait (at most START_TIMEOUT_S) until every backend has started this run, or failed to."""
         deadline = time.monotonic() + START_TIMEOUT_S
         for channel in self._channels:
             if not channel.opened.wait(max(0.0, deadline - time.monotonic())) and channel.failure is None:
                 channel.failure = ("start", TimeoutError(f"no answer within {START_TIMEOUT_S:g} s"))
-        _OPEN.append(self)
         self._report_failures()
-        _exit_hook_runs_first()
 
     def log_epoch(self, row: dict[str, float]) -> None:
         """One epoch's numbers, at step ``row["epoch"]``; sent in the background."""

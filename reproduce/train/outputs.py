@@ -19,6 +19,7 @@ from reproduce.config import Config
 from reproduce.data.loader import Batches
 from reproduce.io import atomic_copy, atomic_torch_save, atomic_write_bytes, atomic_write_text
 from reproduce.methods.base import Method
+from reproduce.numerics import describe as describe_cpu_numerics
 from reproduce.runtime import Runtime
 from reproduce.tracking import Tracker, git_commit
 from reproduce.train.checkpoint import load_state, save_networks
@@ -47,7 +48,8 @@ def finish(method: Method, config: Config, spec: RunSpec, tracker: Tracker, eval
         "time": {"train_s": sum(row["time/train_s"] for row in history),
                  "images_per_s": sum(row["time/images_per_s"] for row in history) / len(history)},
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "device": str(runtime.device), **git_commit()},
+                        "device": str(runtime.device), **git_commit(),
+                        **(describe_cpu_numerics() if runtime.device.type == "cpu" else {})},
         "teacher_source": teacher.source.to_dict() if getattr(teacher, "source", None) else None,
     }
     if runtime.is_main:
