@@ -3,7 +3,7 @@ to a scalar; the helpers beside them return the per-sample terms that methods we
 one method uses lives in that method's file (SwitOKD's switch in methods/switokd.py, R2KD's
 correlation and rank terms in methods/r2kd.py, KDCL's ensembles in methods/kdcl.py).
 
-Conventions (../METHODS.md): logits are ``[B, C]``; a KL divergence is summed over classes and
+Conventions (every method's file cites its sources): logits are ``[B, C]``; a KL divergence is summed over classes and
 averaged over the batch ("batchmean": ``reduction='mean'`` would silently divide by C); the τ²
 factor is included where the method defines one; targets that come from another network are
 detached *inside* the function, so no caller can forget to.
