@@ -154,9 +154,16 @@ def test_ctrl_c_stops_every_worker_and_leaves_the_rest_unstarted(tmp_path: Path)
     outcomes: dict[str, Outcome] = {}
     started: list[str] = []
     board = Board([run.name for run in runs], StringIO(), tty=False)
+    # The calling program may have replaced Python's Ctrl-C handler (an earlier test did): the pool still stops.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
     began = time.monotonic()
-    completed = run_pool(runs, worker_slots(2, ["cpu"], 1), _stand_in(scripts, tmp_path, started), board, outcomes)
+    try:
+        completed = run_pool(runs, worker_slots(2, ["cpu"], 1), _stand_in(scripts, tmp_path, started), board,
+                             outcomes)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.getsignal(signal.SIGINT) is previous
     assert not completed and time.monotonic() - began < 10
     assert {name: outcome.state for name, outcome in outcomes.items()} == {"teacher/seed0": "interrupted",
                                                                            "teacher/seed1": "interrupted"}

@@ -333,6 +333,29 @@ def test_a_tracking_server_that_does_not_answer_costs_a_bounded_wait(tmp_path: P
         assert time.monotonic() - started < 10
 
 
+@pytest.mark.slow
+def test_a_process_does_not_use_a_wandb_service_it_inherited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's worker or a test's subprocess inherits ``WANDB_SERVICE`` from the process that started W&B: a
+    run logged through that service is lost when its owner ends (here the owner is gone from the start)."""
+    script = f"""
+from pathlib import Path
+from reproduce.config import config_from_dict
+from reproduce.tracking import Tracker
+config = config_from_dict({{"tracking": {{"wandb": {{"enabled": True, "mode": "offline"}},
+                                          "mlflow": {{"enabled": False}}}}}}).tracking
+tracker = Tracker(config, run_dir=Path("{tmp_path}"), run_name="child", tags={{}}, params={{}})
+tracker.log_epoch({{"epoch": 1, "x": 0.25}})
+tracker.finish({{}})
+print(tracker.key)
+"""
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SERVICE", f"3-1-unix-{tmp_path / 'gone.sock'}")  # started by another process
+    done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (part,) = _wandb_runs(tmp_path, done.stdout.strip())
+    assert [row["x"] for row in part["history"]] == [0.25]
+
+
 def test_wandb_state_stays_in_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
         monkeypatch.delenv(variable)

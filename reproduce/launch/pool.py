@@ -53,7 +53,7 @@ def run_pool(runs: list[RunJob], slots: list[WorkerSlot], start: StartWorker, bo
         blocked = run.needs in names and run.needs not in outcomes
         board.set(run.name, "waiting" if blocked else "queued", f"for {run.needs}" if blocked else "")
     try:
-        with sigterm_as_interrupt():
+        with stop_signals_as_interrupt():
             while waiting or running:
                 for run in [run for run in waiting if run.needs in outcomes and not outcomes[run.needs].ok]:
                     waiting.remove(run)
@@ -117,8 +117,9 @@ def stop(running: list[Worker]) -> None:
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the pool as Ctrl-C does (only the main thread may install a handler)."""
+def stop_signals_as_interrupt() -> Iterator[None]:
+    """Ctrl-C and SIGTERM both stop the pool, whatever handler the calling program installed for SIGINT
+    (only the main thread may install a handler)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -126,8 +127,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -85,6 +85,7 @@ class WandbBackend:
                                   save_code=False, disable_job_creation=True, x_sync_dir_suffix=part_suffix())
         # resume="allow" continues the run if W&B has it and starts it otherwise ("must" would refuse an
         # online run whose first part never reached the server).
+        _own_service()
         self.run = wandb.init(project=self.config.project, entity=self.config.wandb.entity, group=self.info.group,
                               job_type=self.info.job_type, name=self.info.name, id=self.info.key, resume="allow",
                               mode=self.mode, config=self.info.params, dir=str(wandb_dir().parent),
@@ -125,3 +126,13 @@ class WandbBackend:
         require_space()
         self.run.mark_preempting()
         self.run.finish(exit_code=0)
+
+
+def _own_service() -> None:
+    """W&B hands its service process to child processes through ``WANDB_SERVICE`` (``3-<pid>-...``, the pid of
+    the process that started it). A run of ours belongs to one process: a training process that used its
+    parent's service (a sweep's worker, a test's subprocess) would leave a run it was killed in to the parent's
+    service, and lose it when that service ends. So a service another process started is not used."""
+    owner = os.environ.get("WANDB_SERVICE", "").split("-")
+    if len(owner) > 1 and owner[1].isdigit() and int(owner[1]) != os.getpid():
+        del os.environ["WANDB_SERVICE"]
