@@ -24,6 +24,10 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     compile_backend: str = "inductor"  # torch.compile's backend (the tests check the capture with "aot_eager")
+    # An eager step reads its device decisions (``Step.gates``) on the host: on by default on a CPU, where a
+    # read is free and spares the gated role's backward; off, the step runs as on a GPU, which never waits
+    # for one (what the sync-counting tests and benchmarks measure).
+    gates_on_host: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -53,7 +57,8 @@ def resolve_runtime(config: RuntimeConfig) -> Runtime:
         if cuda and device.index is None:  # runtime.device=cuda under torchrun: this rank's GPU, not GPU 0
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         distributed.init_process_group(device, config.ddp_timeout_s)
-    return Runtime(device, amp[config.amp], switches[config.channels_last], switches[config.compile], rank, world_size)
+    return Runtime(device, amp[config.amp], switches[config.channels_last], switches[config.compile], rank, world_size,
+                   gates_on_host=not cuda)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

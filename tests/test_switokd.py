@@ -4,6 +4,7 @@ paused teacher, against the official code's host decision."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import reproduce.methods.switokd as switokd
-from method_kit import (BATCH, FixedBatches, batch, build, constant_output, declares, optimizers_for, random_logits,
-                        run_epoch, total_loss, trains_and_learns)
+from method_kit import (BATCH, CPU, FixedBatches, batch, build, constant_output, declares, optimizers_for,
+                        random_logits, run_epoch, total_loss, trains_and_learns)
 from reproduce.losses import cross_entropy
 from reproduce.methods import Method
 from reproduce.methods.switokd import gap_threshold, threshold
@@ -49,18 +50,24 @@ def momentum(optimizer: torch.optim.Optimizer, parameter: nn.Parameter) -> torch
     return torch.zeros_like(parameter) if buffer is None else buffer
 
 
-def test_the_device_decision_trains_exactly_as_the_official_host_decision() -> None:
-    """The engine decides SwitOKD's mode on the device and gates the teacher's update; the official code
-    decides on the host and skips the teacher. Step after step, on the same batches, both leave the same
-    parameters, BatchNorm statistics and momentum, bit for bit, through both modes."""
+@pytest.mark.parametrize("gates_on_host", [False, True], ids=["gated-on-device", "read-on-host"])
+def test_the_engine_trains_exactly_as_the_official_host_decision(gates_on_host: bool) -> None:
+    """The engine decides SwitOKD's mode on the device and gates the teacher's update (as on a GPU), or, on a
+    CPU, reads the gate and leaves the paused teacher out of the backward; the official code decides on the
+    host and skips the teacher. Step after step, on the same batches, each leaves the same parameters,
+    BatchNorm statistics and momentum, bit for bit, through both modes."""
     official = build("switokd")
     engine = copy.deepcopy(official)
     official_optimizers, engine_optimizers = optimizers_for(official, lr=0.5), optimizers_for(engine, lr=0.5)
+    runtime = dataclasses.replace(CPU, gates_on_host=gates_on_host)
+    backward_roles: list[set[str]] = []  # the roles whose gradients the engine's backward computed
     modes = []
     for k in range(12):
         x, y = batch(k)
         modes.append(host_decided_step(official, official_optimizers, x, y))
-        run_epoch(engine, engine_optimizers, FixedBatches((x, y)))
+        run_epoch(engine, engine_optimizers, FixedBatches((x, y)), runtime=runtime)
+        backward_roles.append({role for role, network in engine.roles().items()
+                               if any(p.grad is not None for p in network.parameters())})
         for (name, expected), actual in zip(official.state_dict().items(), engine.state_dict().values()):
             assert torch.equal(expected, actual), f"step {k + 1} ({'expert' if modes[-1] else 'learning'}): {name}"
         for role in ("teacher", "student"):
@@ -68,6 +75,8 @@ def test_the_device_decision_trains_exactly_as_the_official_host_decision() -> N
                 assert torch.equal(momentum(official_optimizers[role], expected),
                                    momentum(engine_optimizers[role], actual)), f"step {k + 1}: {role} momentum"
     assert any(modes) and not all(modes), f"both modes must occur: {modes}"
+    # Read on the host, an expert step computes no teacher gradient; gated on the device, every step does.
+    assert backward_roles == [{"student"} if expert and gates_on_host else {"teacher", "student"} for expert in modes]
 
 
 def test_declarations_and_bad_options() -> None:

@@ -12,7 +12,10 @@ update of every role::
 Which roles a step updates: every role, unless the method names them in ``Step.update`` (a Python decision)
 or gates one with ``Step.gates`` (a decision on the device: SwitOKD's paused teacher). A gated role's
 optimiser steps as usual and its parameters and optimiser state are then put back where the gate is off,
-so it gets no update, no momentum and no weight decay, without the host ever reading the decision.
+so it gets no update, no momentum and no weight decay, without the host ever reading the decision. On a
+CPU, where reading it costs nothing, the eager step reads it instead (``Runtime.gates_on_host``,
+``decided_roles``): a role gated off is then left out of the backward and its optimiser does not step, as under
+``Step.update``: the same result without the gated role's backward (SwitOKD's expert steps).
 
 Nothing here reads a value back from the device. A NaN or infinite loss is not checked here: the loop
 records every loss term of every step on the device (reproduce/train/tally.py) and raises ``DivergedError``
@@ -52,10 +55,10 @@ def train_step(method: Method, optimizers: dict[str, torch.optim.Optimizer], x: 
     step, total = (compiled.losses if compiled else losses)(method, tuple(optimizers), x, y, epoch, runtime)
     if total is not None:  # None when no role trains this step
         total.backward()
-    roles = roles_to_update(step, optimizers)
-    if replicas is not None:  # the ranks' mean gradient; their agreement checked when the method names roles
-        replicas.average_gradients(roles, check=step.update is not None)
-    (compiled.update if compiled else update)(optimizers, tuple(roles), step.gates)
+    roles, gates = decided_roles(step, optimizers, runtime, eager=compiled is None)
+    if replicas is not None:  # the ranks' mean gradient; their agreement checked when the roles are decided here
+        replicas.average_gradients(roles, check=step.update is not None or gates is not step.gates)
+    (compiled.update if compiled else update)(optimizers, tuple(roles), gates)
     return step
 
 
@@ -65,7 +68,8 @@ def losses(method: Method, roles: tuple[str, ...], x: Tensor, y: Tensor, epoch: 
     with torch.autocast(runtime.device.type, dtype=runtime.amp_dtype or torch.float32,
                         enabled=runtime.amp_dtype is not None):
         step = method.step(x, y, epoch)
-    total = sum(sum(step.losses[role].values()) for role in roles_to_update(step, roles) if role in step.losses)
+    updated, _ = decided_roles(step, roles, runtime, eager=not torch.compiler.is_compiling())
+    total = sum(sum(step.losses[role].values()) for role in updated if role in step.losses)
     return step, total if torch.is_tensor(total) else None
 
 
@@ -76,6 +80,17 @@ def update(optimizers: dict[str, torch.optim.Optimizer], roles: tuple[str, ...],
             gated_update(optimizers[role], gates[role])
         else:
             optimizers[role].step()
+
+
+def decided_roles(step: Step, roles: Iterable[str], runtime: Runtime,
+                  eager: bool) -> tuple[list[str], dict[str, Tensor]]:
+    """The roles whose losses enter the backward and whose optimisers step, and the gates left to apply on
+    the device. An eager step with ``runtime.gates_on_host`` (a CPU's) reads the gates here and drops the roles
+    gated off; otherwise, and in a compiled step, every gate stays on the device."""
+    updated = roles_to_update(step, roles)
+    if not step.gates or not eager or not runtime.gates_on_host:
+        return updated, step.gates
+    return [role for role in updated if role not in step.gates or bool(step.gates[role])], {}
 
 
 def roles_to_update(step: Step, roles: Iterable[str]) -> list[str]:
